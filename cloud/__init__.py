@@ -1,0 +1,1 @@
+"""Stitch cloud: pruned large VLM (SGP) in PyTorch behind a gRPC service."""

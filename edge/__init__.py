@@ -1,0 +1,1 @@
+"""Stitch edge: ONNX export, ORT runtime, SEE gate, gRPC client SDK."""

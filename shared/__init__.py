@@ -1,0 +1,1 @@
+"""Stitch shared code: preprocessing, scoring, gate math, index codec, wire types."""
