@@ -1,0 +1,73 @@
+"""The visual-token layout of one image, and its fingerprint.
+
+Edge and cloud each compute the layout from the image size and the checkpoint's
+preprocessing config; the request carries the edge's layout and fingerprint and
+the cloud refuses a mismatch (DESIGN invariant 1). This module only describes a
+layout; the tiling itself is in ``preprocess``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+# CLIP normalisation, the InternVL / GOT-OCR2 default.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    """How a checkpoint cuts an image into tiles (read from its preprocessor_config.json)."""
+
+    tile_size: int = 448  # side of a square tile in px (the ViT's input size)
+    min_tiles: int = 1  # fewest grid tiles (thumbnail not counted)
+    max_tiles: int = 12  # most grid tiles (thumbnail not counted)
+    use_thumbnail: bool = True  # add a whole-image tile when the grid has more than one tile
+    tokens_per_tile: int = 256  # visual tokens per tile after pixel shuffle
+    image_mean: tuple[float, float, float] = CLIP_MEAN  # per-channel mean after rescale to [0, 1]
+    image_std: tuple[float, float, float] = CLIP_STD  # per-channel std after rescale to [0, 1]
+
+    def __post_init__(self) -> None:
+        if self.tile_size <= 0 or self.tokens_per_tile <= 0:
+            raise ValueError("tile_size and tokens_per_tile must be positive")
+        if not 1 <= self.min_tiles <= self.max_tiles:
+            raise ValueError(f"need 1 <= min_tiles <= max_tiles, got {self.min_tiles}, {self.max_tiles}")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The tile grid one image became, and how many visual tokens that is."""
+
+    tile_size: int  # side of one tile in px
+    grid_columns: int  # tiles across
+    grid_rows: int  # tiles down
+    thumbnail: bool  # a thumbnail tile follows the grid tiles
+    tokens_per_tile: int  # visual tokens per tile
+    num_tiles: int = field(init=False)  # grid tiles + thumbnail
+    num_visual_tokens: int = field(init=False)  # |V|
+
+    def __post_init__(self) -> None:
+        tiles = self.grid_columns * self.grid_rows + int(self.thumbnail)
+        object.__setattr__(self, "num_tiles", tiles)
+        object.__setattr__(self, "num_visual_tokens", tiles * self.tokens_per_tile)
+
+
+def layout_fingerprint(layout: Layout, config: TilingConfig) -> int:
+    """64-bit digest of everything that decides which visual token is which.
+
+    Two sides with equal fingerprints put the same pixels behind the same token
+    index: same grid, tile size, thumbnail, tokens per tile and normalisation.
+    """
+    canonical = "|".join(
+        [
+            "stitch-layout-v1",
+            f"tile={layout.tile_size}",
+            f"grid={layout.grid_columns}x{layout.grid_rows}",
+            f"thumb={int(layout.thumbnail)}",
+            f"tpt={layout.tokens_per_tile}",
+            "mean=" + ",".join(f"{v:.8f}" for v in config.image_mean),
+            "std=" + ",".join(f"{v:.8f}" for v in config.image_std),
+        ]
+    )
+    return int.from_bytes(hashlib.blake2b(canonical.encode(), digest_size=8).digest(), "big")
