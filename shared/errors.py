@@ -1,0 +1,20 @@
+"""The one error type that crosses the edge/cloud boundary.
+
+Validation anywhere (preprocessing, index decoding, the engine) raises
+``RequestError`` with the gRPC status the caller should see; the servicer turns
+it into that status and message, and the in-process client re-raises it, so
+both transports fail the same way.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class RequestError(Exception):
+    """A request the service refuses; ``code`` is the gRPC status to answer with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
