@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17stitch/v1/cascade.proto\x12\tstitch.v1\"\x85\x01\n\x06Layout\x12\x11\n\ttile_size\x18\x01 \x01(\r\x12\x14\n\x0cgrid_columns\x18\x02 \x01(\r\x12\x11\n\tgrid_rows\x18\x03 \x01(\r\x12\x11\n\tthumbnail\x18\x04 \x01(\x08\x12\x17\n\x0ftokens_per_tile\x18\x05 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x06 \x01(\x06\"\x9f\x01\n\nKeptTokens\x12\x30\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x1e.stitch.v1.KeptTokens.Encoding\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05\x63ount\x18\x03 \x01(\r\"B\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\n\n\x06\x42ITMAP\x10\x01\x12\x10\n\x0c\x44\x45LTA_VARINT\x10\x02\"*\n\x10GenerationParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\"\x91\x02\n\rAnswerRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05image\x18\x03 \x01(\x0c\x12\x17\n\x0fimage_mime_type\x18\x04 \x01(\t\x12\x0e\n\x06prompt\x18\x05 \x01(\t\x12\x19\n\x11num_visual_tokens\x18\x06 \x01(\r\x12\x11\n\tretention\x18\x07 \x01(\x01\x12#\n\x04kept\x18\x08 \x01(\x0b\x32\x15.stitch.v1.KeptTokens\x12!\n\x06layout\x18\t \x01(\x0b\x32\x11.stitch.v1.Layout\x12/\n\ngeneration\x18\n \x01(\x0b\x32\x1b.stitch.v1.GenerationParams\"g\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x11\n\tvision_ms\x18\x02 \x01(\x01\x12\x12\n\nprefill_ms\x18\x03 \x01(\x01\x12\x11\n\tdecode_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\"\xf7\x01\n\x0b\x41nswerReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x1c\n\x14pruned_prompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11num_visual_tokens\x18\x07 \x01(\r\x12\x1a\n\x12kept_visual_tokens\x18\x08 \x01(\r\x12\x13\n\x0bprune_layer\x18\t \x01(\r\x12#\n\x07timings\x18\n \x01(\x0b\x32\x12.stitch.v1.Timings2E\n\x07\x43\x61scade\x12:\n\x06\x41nswer\x12\x18.stitch.v1.AnswerRequest\x1a\x16.stitch.v1.AnswerReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17stitch/v1/cascade.proto\x12\tstitch.v1\"\x85\x01\n\x06Layout\x12\x11\n\ttile_size\x18\x01 \x01(\r\x12\x14\n\x0cgrid_columns\x18\x02 \x01(\r\x12\x11\n\tgrid_rows\x18\x03 \x01(\r\x12\x11\n\tthumbnail\x18\x04 \x01(\x08\x12\x17\n\x0ftokens_per_tile\x18\x05 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x06 \x01(\x06\"\xbb\x01\n\nKeptTokens\x12\x30\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x1e.stitch.v1.KeptTokens.Encoding\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12\x0f\n\x07indices\x18\x04 \x03(\r\"M\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\n\n\x06\x42ITMAP\x10\x01\x12\x10\n\x0c\x44\x45LTA_VARINT\x10\x02\x12\t\n\x05PLAIN\x10\x03\"*\n\x10GenerationParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\"\x91\x02\n\rAnswerRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05image\x18\x03 \x01(\x0c\x12\x17\n\x0fimage_mime_type\x18\x04 \x01(\t\x12\x0e\n\x06prompt\x18\x05 \x01(\t\x12\x19\n\x11num_visual_tokens\x18\x06 \x01(\r\x12\x11\n\tretention\x18\x07 \x01(\x01\x12#\n\x04kept\x18\x08 \x01(\x0b\x32\x15.stitch.v1.KeptTokens\x12!\n\x06layout\x18\t \x01(\x0b\x32\x11.stitch.v1.Layout\x12/\n\ngeneration\x18\n \x01(\x0b\x32\x1b.stitch.v1.GenerationParams\"g\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x11\n\tvision_ms\x18\x02 \x01(\x01\x12\x12\n\nprefill_ms\x18\x03 \x01(\x01\x12\x11\n\tdecode_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\"\xf7\x01\n\x0b\x41nswerReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x1c\n\x14pruned_prompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11num_visual_tokens\x18\x07 \x01(\r\x12\x1a\n\x12kept_visual_tokens\x18\x08 \x01(\r\x12\x13\n\x0bprune_layer\x18\t \x01(\r\x12#\n\x07timings\x18\n \x01(\x0b\x32\x12.stitch.v1.Timings2E\n\x07\x43\x61scade\x12:\n\x06\x41nswer\x12\x18.stitch.v1.AnswerRequest\x1a\x16.stitch.v1.AnswerReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,17 +34,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LAYOUT']._serialized_start=39
   _globals['_LAYOUT']._serialized_end=172
   _globals['_KEPTTOKENS']._serialized_start=175
-  _globals['_KEPTTOKENS']._serialized_end=334
-  _globals['_KEPTTOKENS_ENCODING']._serialized_start=268
-  _globals['_KEPTTOKENS_ENCODING']._serialized_end=334
-  _globals['_GENERATIONPARAMS']._serialized_start=336
-  _globals['_GENERATIONPARAMS']._serialized_end=378
-  _globals['_ANSWERREQUEST']._serialized_start=381
-  _globals['_ANSWERREQUEST']._serialized_end=654
-  _globals['_TIMINGS']._serialized_start=656
-  _globals['_TIMINGS']._serialized_end=759
-  _globals['_ANSWERREPLY']._serialized_start=762
-  _globals['_ANSWERREPLY']._serialized_end=1009
-  _globals['_CASCADE']._serialized_start=1011
-  _globals['_CASCADE']._serialized_end=1080
+  _globals['_KEPTTOKENS']._serialized_end=362
+  _globals['_KEPTTOKENS_ENCODING']._serialized_start=285
+  _globals['_KEPTTOKENS_ENCODING']._serialized_end=362
+  _globals['_GENERATIONPARAMS']._serialized_start=364
+  _globals['_GENERATIONPARAMS']._serialized_end=406
+  _globals['_ANSWERREQUEST']._serialized_start=409
+  _globals['_ANSWERREQUEST']._serialized_end=682
+  _globals['_TIMINGS']._serialized_start=684
+  _globals['_TIMINGS']._serialized_end=787
+  _globals['_ANSWERREPLY']._serialized_start=790
+  _globals['_ANSWERREPLY']._serialized_end=1037
+  _globals['_CASCADE']._serialized_start=1039
+  _globals['_CASCADE']._serialized_end=1108
 # @@protoc_insertion_point(module_scope)

@@ -24,22 +24,26 @@ class Layout(_message.Message):
     def __init__(self, tile_size: _Optional[int] = ..., grid_columns: _Optional[int] = ..., grid_rows: _Optional[int] = ..., thumbnail: _Optional[bool] = ..., tokens_per_tile: _Optional[int] = ..., fingerprint: _Optional[int] = ...) -> None: ...
 
 class KeptTokens(_message.Message):
-    __slots__ = ("encoding", "data", "count")
+    __slots__ = ("encoding", "data", "count", "indices")
     class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         ENCODING_UNSPECIFIED: _ClassVar[KeptTokens.Encoding]
         BITMAP: _ClassVar[KeptTokens.Encoding]
         DELTA_VARINT: _ClassVar[KeptTokens.Encoding]
+        PLAIN: _ClassVar[KeptTokens.Encoding]
     ENCODING_UNSPECIFIED: KeptTokens.Encoding
     BITMAP: KeptTokens.Encoding
     DELTA_VARINT: KeptTokens.Encoding
+    PLAIN: KeptTokens.Encoding
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
+    INDICES_FIELD_NUMBER: _ClassVar[int]
     encoding: KeptTokens.Encoding
     data: bytes
     count: int
-    def __init__(self, encoding: _Optional[_Union[KeptTokens.Encoding, str]] = ..., data: _Optional[bytes] = ..., count: _Optional[int] = ...) -> None: ...
+    indices: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, encoding: _Optional[_Union[KeptTokens.Encoding, str]] = ..., data: _Optional[bytes] = ..., count: _Optional[int] = ..., indices: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerationParams(_message.Message):
     __slots__ = ("max_new_tokens",)
