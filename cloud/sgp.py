@@ -1,0 +1,228 @@
+"""SGP: a large InternVL model that runs on the kept visual tokens from layer K on.
+
+Small-model-Guided Pruning (SGL, arXiv 2412.03324): decoder layers ``0..K-1``
+see the whole prompt; at the input of layer ``K`` only the text tokens and the
+kept visual tokens go on. Kept tokens keep their original position ids (RoPE),
+and decode positions continue from the full prompt length, so layers ``< K``
+hold a KV cache of the full prompt and layers ``>= K`` a cache of the pruned
+one. With every visual token kept the model equals the unpruned one.
+
+This module composes the stock ``transformers`` modules of a loaded
+``InternVLForConditionalGeneration`` (vision tower, projector, decoder layers,
+final norm, LM head); it never copies or patches a modeling file. It knows
+nothing about images or tokenization: callers hand it pixel values and token
+ids (``engine`` does preprocessing and prompts). Batch size is 1.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache, InternVLForConditionalGeneration
+
+
+class GenerationCancelled(Exception):
+    """``should_stop`` turned true between two decode steps."""
+
+
+def resolve_prune_layer(prune_layer: float, num_layers: int) -> int:
+    """K as a layer index: an int in ``0..num_layers``, or a fraction of depth in ``(0, 1)``.
+
+    A fraction rounds to the nearest layer (0.1 of 28 layers is layer 3).
+    ``K = num_layers`` keeps every token in every layer (no pruning).
+    """
+    if isinstance(prune_layer, bool):
+        raise TypeError("prune_layer must be a number, not a bool")
+    if isinstance(prune_layer, float) and not prune_layer.is_integer():
+        if not 0.0 < prune_layer < 1.0:
+            raise ValueError(f"a fractional prune layer must lie in (0, 1), got {prune_layer}")
+        return round(prune_layer * num_layers)
+    k = int(prune_layer)
+    if not 0 <= k <= num_layers:
+        raise ValueError(f"prune layer {k} outside 0..{num_layers}")
+    return k
+
+
+def kept_sequence_positions(
+    seq_len: int, visual_start: int, num_visual: int, keep_visual: torch.Tensor
+) -> torch.Tensor:
+    """Sequence positions that go on at layer K: every text token and the kept visual ones.
+
+    keep_visual: [k] ascending indices within the visual span (0..num_visual-1).
+    Returns [S'] ascending positions in 0..seq_len-1.
+    """
+    if visual_start < 0 or visual_start + num_visual > seq_len:
+        raise ValueError(f"visual span {visual_start}+{num_visual} outside a sequence of {seq_len}")
+    keep_visual = keep_visual.to(torch.long).cpu()
+    if keep_visual.numel() and (keep_visual.min() < 0 or keep_visual.max() >= num_visual):
+        raise ValueError("kept visual index outside the visual span")
+    if keep_visual.numel() > 1 and not bool((keep_visual[1:] > keep_visual[:-1]).all()):
+        raise ValueError("kept visual indices must be strictly ascending")
+    before = torch.arange(visual_start)
+    after = torch.arange(visual_start + num_visual, seq_len)
+    return torch.cat([before, keep_visual + visual_start, after])
+
+
+@dataclass
+class SGPGeneration:
+    """Greedy output of the pruned model."""
+
+    token_ids: list[int]  # generated ids, EOS included when generated
+    step_logits: list[torch.Tensor] = field(repr=False)  # each [vocab] float32, logits that chose token i
+    prompt_tokens: int = 0  # full prompt length S
+    pruned_prompt_tokens: int = 0  # S' seen by layers >= K
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+
+
+class SGPModel:
+    """Pruned greedy generation on top of a loaded ``InternVLForConditionalGeneration``."""
+
+    def __init__(self, model: InternVLForConditionalGeneration, prune_layer: float = 2) -> None:
+        self.model = model.eval()
+        self.text_config = model.config.text_config
+        self.language_model = model.model.language_model
+        self.num_layers = self.text_config.num_hidden_layers
+        self.prune_layer = resolve_prune_layer(prune_layer, self.num_layers)
+        self.image_token_id = model.config.image_token_id
+        # SDPA without a mask takes its causal fast path (flash / efficient kernels);
+        # eager attention adds no causality by itself, so it gets an explicit mask.
+        self._explicit_mask = self.text_config._attn_implementation != "sdpa"
+        layer_types = getattr(self.text_config, "layer_types", None) or []
+        if any(t != "full_attention" for t in layer_types):
+            raise NotImplementedError("SGP supports full-attention decoders only (no sliding window)")
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @torch.inference_mode()
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values: [tiles, 3, H, W] -> visual token embeddings [tiles * tokens_per_tile, hidden]."""
+        out = self.model.model.get_image_features(pixel_values=pixel_values.to(self.device, self.model.dtype))
+        features = out.pooler_output  # [tiles, tokens_per_tile, hidden]
+        return features.reshape(-1, features.shape[-1])
+
+    @torch.inference_mode()
+    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+        """input_ids: [S] with one image-context id per visual token -> inputs_embeds [1, S, hidden]."""
+        input_ids = input_ids.to(self.device)
+        embeds = self.language_model.embed_tokens(input_ids)  # [S, hidden]
+        is_visual = input_ids == self.image_token_id
+        n_visual = int(is_visual.sum())
+        if n_visual != image_features.shape[0]:
+            raise ValueError(f"prompt has {n_visual} image tokens but the image gave {image_features.shape[0]}")
+        embeds = embeds.clone()
+        embeds[is_visual] = image_features.to(embeds.dtype)
+        return embeds.unsqueeze(0)
+
+    def _causal_mask(self, length: int, dtype: torch.dtype) -> torch.Tensor | None:
+        if not self._explicit_mask:
+            return None
+        mask = torch.full((length, length), torch.finfo(dtype).min, dtype=dtype, device=self.device)
+        return mask.triu(1)[None, None]  # [1, 1, length, length]
+
+    def _run_layers(
+        self,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        layers: range,
+        cache: DynamicCache,
+        causal: bool,
+    ) -> torch.Tensor:
+        """hidden: [1, n, hidden], position_ids: [1, n] -> hidden after ``layers`` (cache updated)."""
+        position_embeddings = self.language_model.rotary_emb(hidden, position_ids)
+        mask = self._causal_mask(hidden.shape[1], hidden.dtype) if causal else None
+        for i in layers:
+            hidden = self.language_model.layers[i](
+                hidden,
+                attention_mask=mask,
+                position_ids=position_ids,
+                position_embeddings=position_embeddings,
+                past_key_values=cache,
+                use_cache=True,
+            )
+        return hidden
+
+    def _logits(self, hidden_last: torch.Tensor) -> torch.Tensor:
+        """hidden_last: [1, 1, hidden] -> [vocab] float32."""
+        return self.model.lm_head(self.language_model.norm(hidden_last))[0, -1].float()
+
+    @torch.inference_mode()
+    def prefill(
+        self, inputs_embeds: torch.Tensor, keep_positions: torch.Tensor | None
+    ) -> tuple[torch.Tensor, DynamicCache, int]:
+        """Run the prompt: layers < K on all of it, layers >= K on ``keep_positions``.
+
+        inputs_embeds: [1, S, hidden]; keep_positions: [S'] ascending or None (keep all).
+        Returns the next-token logits [vocab], the cache, and S'.
+        """
+        seq_len = inputs_embeds.shape[1]
+        cache = DynamicCache(config=self.text_config)
+        position_ids = torch.arange(seq_len, device=self.device)[None]  # [1, S]
+        k = self.prune_layer
+        hidden = self._run_layers(inputs_embeds, position_ids, range(k), cache, causal=True)
+        if keep_positions is not None and k < self.num_layers:
+            keep_positions = keep_positions.to(self.device)
+            hidden = hidden[:, keep_positions]  # [1, S', hidden]
+            position_ids = position_ids[:, keep_positions]  # original RoPE positions
+        hidden = self._run_layers(hidden, position_ids, range(k, self.num_layers), cache, causal=True)
+        return self._logits(hidden[:, -1:]), cache, hidden.shape[1]
+
+    @torch.inference_mode()
+    def decode_step(self, token_id: int, position: int, cache: DynamicCache) -> torch.Tensor:
+        """One new token at absolute position ``position`` -> next-token logits [vocab]."""
+        ids = torch.tensor([[token_id]], device=self.device)
+        hidden = self.language_model.embed_tokens(ids)  # [1, 1, hidden]
+        position_ids = torch.tensor([[position]], device=self.device)
+        hidden = self._run_layers(hidden, position_ids, range(self.num_layers), cache, causal=False)
+        return self._logits(hidden)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        inputs_embeds: torch.Tensor,
+        keep_positions: torch.Tensor | None,
+        max_new_tokens: int,
+        eos_token_ids: Sequence[int],
+        should_stop: Callable[[], bool] | None = None,
+    ) -> SGPGeneration:
+        """Greedy decoding with the KV cache; stops on an EOS id or after ``max_new_tokens``."""
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        eos = set(eos_token_ids)
+        t0 = time.perf_counter()
+        logits, cache, pruned_len = self.prefill(inputs_embeds, keep_positions)
+        _sync(self.device)
+        t1 = time.perf_counter()
+        seq_len = inputs_embeds.shape[1]
+        tokens: list[int] = []
+        step_logits: list[torch.Tensor] = []
+        while True:
+            token = int(torch.argmax(logits))
+            tokens.append(token)
+            step_logits.append(logits.cpu())
+            if token in eos or len(tokens) >= max_new_tokens:
+                break
+            if should_stop is not None and should_stop():
+                raise GenerationCancelled(f"stopped after {len(tokens)} tokens")
+            # decode positions continue from the full prompt length, pruned or not
+            logits = self.decode_step(token, seq_len + len(tokens) - 1, cache)
+        _sync(self.device)
+        t2 = time.perf_counter()
+        return SGPGeneration(
+            token_ids=tokens,
+            step_logits=step_logits,
+            prompt_tokens=seq_len,
+            pruned_prompt_tokens=pruned_len,
+            prefill_ms=(t1 - t0) * 1e3,
+            decode_ms=(t2 - t1) * 1e3,
+        )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
