@@ -114,7 +114,9 @@ class SGPModel:
         is_visual = input_ids == self.image_token_id
         n_visual = int(is_visual.sum())
         if n_visual != image_features.shape[0]:
-            raise ValueError(f"prompt has {n_visual} image tokens but the image gave {image_features.shape[0]}")
+            raise ValueError(
+                f"prompt has {n_visual} image tokens but the image gave {image_features.shape[0]}"
+            )
         embeds = embeds.clone()
         embeds[is_visual] = image_features.to(embeds.dtype)
         return embeds.unsqueeze(0)
