@@ -12,8 +12,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from conftest import make_test_image  # noqa: E402
-from stitchvlm.cloud.sgp import SGPModel, kept_sequence_positions, resolve_prune_layer  # noqa: E402
 from transformers import AutoTokenizer, GotOcr2ImageProcessorPil, InternVLForConditionalGeneration  # noqa: E402
+
+from stitchvlm.cloud.sgp import SGPModel, kept_sequence_positions, resolve_prune_layer  # noqa: E402
 
 QUESTIONS = [
     "What colour is the circle?",
