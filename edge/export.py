@@ -1,0 +1,505 @@
+"""``stitch-export``: a Hugging Face InternVL checkpoint -> the edge's ONNX directory.
+
+Writes, into ``--out``:
+
+- ``vision.onnx``: pixel_values [tiles, 3, t, t] float32 -> image_embeds
+  [tiles * tokens_per_tile, hidden] (``InternVLModel.get_image_features``);
+- ``decoder.onnx``: one text-decoder pass with KV cache that also returns the
+  pass's visual-token score (``export_modules.ScoringDecoder``);
+- ``embed_tokens.npy``: the token embedding matrix [vocab, hidden]. A plain
+  array, not a third graph: the lookup is one numpy gather, the runtime needs
+  single rows for each decode step and arbitrary rows for the consistency pass,
+  and ``np.load(mmap_mode="r")`` keeps a large vocabulary out of memory until
+  rows are read;
+- the checkpoint's non-weight files (config, generation config, tokenizer,
+  chat template, processor configs), so ``ModelFiles.load(out)`` works;
+- ``stitch_edge.json`` (``sidecar.EdgeSidecar``).
+
+Then it verifies the graphs against the PyTorch model on one sample (a
+prefill and two decode steps) and fails when a difference exceeds the dtype's
+tolerance (``TOLERANCES``).
+
+Exporter: the TorchScript exporter (``torch.onnx.export(dynamo=False)``). The
+dynamo exporter also produces working graphs with these dynamic axes but needs
+``onnxscript`` (not a dependency of this project) and takes ~30x longer (11 s
+against 0.35 s for the tiny decoder); the graphs have no data-dependent Python
+control flow, so tracing loses nothing. Dynamic axes are tested with shapes
+other than the traced ones.
+
+fp16: the model is loaded in float16 and traced as such, rather than traced in
+float32 and converted with ``onnxruntime.transformers.float16``. The converter
+casts every edge between two nodes it keeps in float32 through float16 (and
+writes an invalid graph where one tensor feeds a kept node twice, as RoPE's
+``cat(freqs, freqs)`` does), so RoPE angles and RMSNorm statistics lose
+precision: at position 3000 it moved a key by 0.1 where the direct fp16 trace
+moves it by 2e-4. Traced in fp16, the graph keeps exactly the float32 islands
+transformers' own fp16 forward has (RMSNorm statistics, RoPE angles, softmax),
+and ``ScoringDecoder`` adds the score accumulation and fp32 logits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from transformers import InternVLForConditionalGeneration
+
+from stitchvlm.shared.model_files import ModelFiles
+from stitchvlm.shared.prompt import build_prompt
+
+from .export_modules import ScoringDecoder, VisionEncoder, check_supported
+from .runtime import CPU, EdgeModel
+from .sidecar import DTYPES, DecoderDims, EdgeSidecar, GraphIO, TokenIds
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+DEFAULT_OPSET = 17  # LayerNormalization (the ViT's) needs 17
+# Weight files and weight indexes are not copied; everything else at the top of the checkpoint is.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npy")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """|ort - reference| <= atol + rtol * max|reference| over a whole tensor."""
+
+    atol: float  # absolute floor
+    rtol: float  # relative to the largest magnitude in the reference tensor
+
+    def bound(self, reference: np.ndarray) -> float:
+        return self.atol + self.rtol * float(np.abs(reference).max(initial=0.0))
+
+
+@dataclass(frozen=True)
+class DtypeTolerances:
+    """How far an export of one dtype may be from the float32 PyTorch model."""
+
+    logits: Tolerance
+    kv: Tolerance  # present keys and values
+    visual_scores: Tolerance
+    image_embeds: Tolerance
+
+
+# Measured on the sharpened tiny test model (weights std 0.2, logits up to ~7):
+# fp32: max|diff| 2e-5 on logits and KV, reordered float32 sums only.
+# fp16: the graph is 0.46% of max|logits| off the float32 model; transformers' own fp16
+# forward is 0.65% off, so the bound (2% of the largest magnitude) leaves room for a
+# deeper model while an export bug (wrong RoPE, mask, layer) is off by tens of percent.
+TOLERANCES = {
+    "fp32": DtypeTolerances(
+        logits=Tolerance(1e-4, 1e-5),
+        kv=Tolerance(1e-4, 1e-5),
+        visual_scores=Tolerance(1e-4, 1e-5),
+        image_embeds=Tolerance(1e-5, 1e-5),
+    ),
+    "fp16": DtypeTolerances(
+        logits=Tolerance(2e-3, 2e-2),
+        kv=Tolerance(2e-3, 2e-2),
+        visual_scores=Tolerance(2e-3, 2e-2),
+        image_embeds=Tolerance(2e-3, 2e-2),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """One export run (what ``stitch-export`` parses its arguments into)."""
+
+    model_dir: Path  # Hugging Face InternVL checkpoint directory
+    out_dir: Path  # export directory to write (created; existing graph files are replaced)
+    dtype: str = "fp32"  # "fp32" or "fp16"
+    opset: int = DEFAULT_OPSET  # ONNX opset of both graphs
+    verify: bool = True  # compare ORT with PyTorch after exporting
+    model_id: str | None = None  # name in the sidecar; the checkpoint directory's name when None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.opset < DEFAULT_OPSET:
+            raise ValueError(f"opset must be >= {DEFAULT_OPSET} (LayerNormalization), got {self.opset}")
+
+
+def progress(message: str) -> None:
+    print(f"[stitch-export] {message}", flush=True)
+
+
+def load_model(model_dir: str | Path, dtype: str = "fp32") -> InternVLForConditionalGeneration:
+    """The checkpoint in ``dtype`` with eager attention (its probabilities are the score's reference)."""
+    model = InternVLForConditionalGeneration.from_pretrained(
+        str(model_dir), dtype=TORCH_DTYPES[dtype], attn_implementation="eager"
+    )
+    check_supported(model)
+    return model.eval()
+
+
+def export_vision(model: InternVLForConditionalGeneration, path: Path, opset: int, io: GraphIO) -> None:
+    """vision.onnx with a dynamic tile count."""
+    tile = model.config.vision_config.image_size[0]
+    pixel_values = torch.randn(2, 3, tile, tile)  # float32 in: the graph casts, as get_image_features does
+    _trace_to_onnx(
+        VisionEncoder(model),
+        (pixel_values,),
+        path,
+        opset,
+        input_names=[io.pixel_values],
+        output_names=[io.image_embeds],
+        dynamic_axes={io.pixel_values: {0: "tiles"}, io.image_embeds: {0: "visual_tokens"}},
+    )
+
+
+def export_decoder(model: InternVLForConditionalGeneration, path: Path, opset: int, io: GraphIO) -> None:
+    """decoder.onnx with dynamic batch, sequence and past lengths."""
+    dims = decoder_dims(model)
+    dtype = model.dtype
+    # Traced with batch 2 so that nothing specialises on a batch of one; seq != past.
+    batch, seq, past = 2, 3, 4
+    example = (
+        torch.randn(batch, seq, dims.hidden_size, dtype=dtype),  # inputs_embeds
+        torch.arange(past, past + seq).expand(batch, seq),  # position_ids
+        torch.ones(batch, past + seq, dtype=torch.int64),  # attention_mask
+        torch.ones(batch, seq),  # score_query_mask
+        *[
+            torch.randn(batch, dims.num_kv_heads, past, dims.head_dim, dtype=dtype)
+            for _ in range(2 * dims.num_layers)
+        ],
+    )
+    axes = {
+        io.inputs_embeds: {0: "batch", 1: "seq"},
+        io.position_ids: {0: "batch", 1: "seq"},
+        io.attention_mask: {0: "batch", 1: "total"},
+        io.score_query_mask: {0: "batch", 1: "seq"},
+        io.logits: {0: "batch", 1: "seq"},
+        io.visual_scores: {0: "batch", 1: "total"},
+    }
+    axes |= {name: {0: "batch", 2: "past"} for name in io.past_names(dims.num_layers)}
+    axes |= {name: {0: "batch", 2: "total"} for name in io.present_names(dims.num_layers)}
+    _trace_to_onnx(
+        ScoringDecoder(model),
+        example,
+        path,
+        opset,
+        input_names=io.decoder_inputs(dims.num_layers),
+        output_names=io.decoder_outputs(dims.num_layers),
+        dynamic_axes=axes,
+    )
+
+
+def _trace_to_onnx(module, example, path, opset, input_names, output_names, dynamic_axes) -> None:
+    with torch.no_grad(), warnings.catch_warnings():
+        # The TorchScript exporter's deprecation notice and tracer warnings about Python
+        # ints: the traced graph is checked against other shapes by verification and tests.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module.eval(),
+            example,
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=dynamic_axes,
+        )
+    consolidate_external_data(Path(path))
+
+
+def consolidate_external_data(path: Path) -> None:
+    """Move a graph's external tensors into one ``<graph>.data`` file next to it.
+
+    Past 2 GB (an fp32 decoder of a 1B model) the TorchScript exporter writes
+    every initializer to its own file named after the tensor; one data file per
+    graph keeps the export directory readable and copyable. Graphs without
+    external data are left alone.
+    """
+    model = onnx.load(str(path), load_external_data=False)
+    locations = {
+        entry.value
+        for tensor in model.graph.initializer
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    data_name = f"{path.name}.data"
+    if not locations or locations == {data_name}:
+        return
+    onnx.load_external_data_for_model(model, str(path.parent))
+    (path.parent / data_name).unlink(missing_ok=True)  # onnx appends to an existing data file
+    onnx.save_model(
+        model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name
+    )
+    for location in locations - {data_name}:
+        (path.parent / location).unlink()
+
+
+def decoder_dims(model: InternVLForConditionalGeneration) -> DecoderDims:
+    text = model.config.text_config
+    heads = text.num_attention_heads
+    return DecoderDims(
+        num_layers=text.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=text.num_key_value_heads or heads,
+        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+        hidden_size=text.hidden_size,
+        vocab_size=text.vocab_size,
+    )
+
+
+def save_embeddings(model: InternVLForConditionalGeneration, path: Path) -> None:
+    # weight: [vocab, hidden] in the model's dtype
+    weight = model.get_input_embeddings().weight.detach().cpu().numpy()
+    np.save(path, np.ascontiguousarray(weight))
+
+
+def copy_checkpoint_files(model_dir: Path, out_dir: Path) -> list[str]:
+    """Copy every top-level file of the checkpoint except weights; return the names copied."""
+    copied = []
+    for source in sorted(Path(model_dir).iterdir()):
+        is_weight = source.name.endswith(WEIGHT_SUFFIXES) or source.name.endswith(".index.json")
+        if source.is_file() and not is_weight:
+            shutil.copy2(source, out_dir / source.name)
+            copied.append(source.name)
+    return copied
+
+
+def build_sidecar(
+    model: InternVLForConditionalGeneration, files: ModelFiles, dtype: str, opset: int, model_id: str
+) -> EdgeSidecar:
+    if files.image_context_id != model.config.image_token_id:
+        raise ValueError("tokenizer and config.json disagree on the image token id")
+    return EdgeSidecar(
+        model_id=model_id,
+        dtype=dtype,
+        dims=decoder_dims(model),
+        tokens=TokenIds(
+            image_token_id=files.image_context_id,
+            eos_token_ids=tuple(files.eos_token_ids),
+            pad_token_id=files.pad_token_id,
+        ),
+        tiling=files.tiling,
+        tokens_per_tile=files.tiling.tokens_per_tile,
+        opset=opset,
+    )
+
+
+def export_edge(config: ExportConfig) -> EdgeSidecar:
+    """Run one export (and its verification unless disabled); return the sidecar written."""
+    started = time.perf_counter()
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    progress(f"loading {config.model_dir} ({config.dtype})")
+    model = load_model(config.model_dir, config.dtype)
+    io = GraphIO()
+
+    progress("copying tokenizer and config files")
+    copy_checkpoint_files(Path(config.model_dir), out)
+    files = ModelFiles.load(out)
+    model_id = config.model_id or Path(config.model_dir).resolve().name
+    sidecar = build_sidecar(model, files, config.dtype, config.opset, model_id)
+    if sidecar.tiling.tile_size != model.config.vision_config.image_size[0]:
+        raise ValueError(
+            f"preprocessor tile size {sidecar.tiling.tile_size} is not the ViT's "
+            f"{model.config.vision_config.image_size[0]}"
+        )
+
+    progress(f"exporting {sidecar.graphs.vision}")
+    export_vision(model, out / sidecar.graphs.vision, config.opset, io)
+    progress(f"exporting {sidecar.graphs.decoder}")
+    export_decoder(model, out / sidecar.graphs.decoder, config.opset, io)
+    progress(f"saving {sidecar.graphs.embeddings}")
+    save_embeddings(model, out / sidecar.graphs.embeddings)
+    sidecar.save(out)
+    del model
+
+    if config.verify:
+        progress("verifying ONNX Runtime against PyTorch (prefill + 2 decode steps)")
+        report = verify_export(config.model_dir, out, config.dtype)
+        for line in report.lines():
+            progress(f"  {line}")
+        report.raise_if_failed()
+    progress(f"done in {time.perf_counter() - started:.1f} s -> {out}")
+    return sidecar
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="stitch-export", description="Export an InternVL checkpoint to the edge's ONNX directory."
+    )
+    parser.add_argument("--model", required=True, type=Path, help="Hugging Face checkpoint directory")
+    parser.add_argument("--out", required=True, type=Path, help="export directory to write")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    parser.add_argument("--model-id", default=None, help="name in the sidecar (default: checkpoint dir name)")
+    parser.add_argument("--no-verify", action="store_true", help="skip the ORT vs PyTorch check")
+    args = parser.parse_args(argv)
+    try:
+        config = ExportConfig(
+            model_dir=args.model,
+            out_dir=args.out,
+            dtype=args.dtype,
+            opset=args.opset,
+            verify=not args.no_verify,
+            model_id=args.model_id,
+        )
+        export_edge(config)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"stitch-export: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# Verification: ORT against PyTorch on one sample
+# ---------------------------------------------------------------------------
+
+VERIFY_QUESTION = "What colour is the circle?"
+VERIFY_TILES = 2  # a grid of two tiles' worth of visual tokens, random pixels
+VERIFY_DECODE_STEPS = 2
+
+
+@dataclass(frozen=True)
+class Check:
+    """One compared tensor."""
+
+    name: str  # e.g. "decode 1 logits"
+    diff: float  # max |ort - torch|
+    bound: float  # the tolerance it must stay within
+
+    @property
+    def ok(self) -> bool:
+        return self.diff <= self.bound
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    dtype: str
+    checks: tuple[Check, ...]
+
+    def lines(self) -> list[str]:
+        return [
+            f"{'ok  ' if c.ok else 'FAIL'} {c.name}: max|diff| {c.diff:.3e} (bound {c.bound:.3e})"
+            for c in self.checks
+        ]
+
+    def raise_if_failed(self) -> None:
+        failed = [c for c in self.checks if not c.ok]
+        if failed:
+            names = ", ".join(f"{c.name} {c.diff:.3e} > {c.bound:.3e}" for c in failed)
+            raise ValueError(f"{self.dtype} export differs from PyTorch beyond tolerance: {names}")
+
+
+@dataclass(frozen=True, eq=False)
+class ReferencePass:
+    """One PyTorch forward pass, copied out of the live cache."""
+
+    logits: np.ndarray  # [seq, vocab]
+    kv: list[np.ndarray]  # key_0, value_0, ... each [kv_heads, past + seq, head_dim]
+    visual_scores: np.ndarray  # [past + seq]: DESIGN's sum over layers, heads and scored queries
+
+
+def reference_passes(
+    model: InternVLForConditionalGeneration,
+    input_ids: np.ndarray,
+    pixel_values: np.ndarray,
+    visual_end: int,
+    decode_steps: int,
+) -> tuple[list[ReferencePass], list[int]]:
+    """transformers' own forward (eager attention): a prefill, then greedy decode steps.
+
+    Returns the passes and the tokens fed to the decode steps.
+    """
+    ids = torch.tensor(np.asarray(input_ids, dtype=np.int64))[None]  # [1, S]
+    # Prefill scores count the queries after the image; decode steps count their one query.
+    query_mask = (torch.arange(ids.shape[1]) >= visual_end).float()  # [S]
+    with torch.no_grad():
+        out = model(
+            input_ids=ids,
+            pixel_values=torch.from_numpy(pixel_values).to(model.dtype),
+            attention_mask=torch.ones_like(ids),
+            use_cache=True,
+            output_attentions=True,
+        )
+        passes, fed = [_reference_pass(out, query_mask)], []
+        for _ in range(decode_steps):
+            token = int(out.logits[0, -1].argmax())
+            fed.append(token)
+            total = out.past_key_values.get_seq_length() + 1
+            out = model(
+                input_ids=torch.tensor([[token]]),
+                past_key_values=out.past_key_values,
+                attention_mask=torch.ones(1, total, dtype=torch.int64),
+                use_cache=True,
+                output_attentions=True,
+            )
+            passes.append(_reference_pass(out, torch.ones(1)))
+    return passes, fed
+
+
+def _reference_pass(out, query_mask: torch.Tensor) -> ReferencePass:
+    # attentions: per layer [1, heads, seq, past + seq]; query_mask: [seq]
+    scores = sum((a[0].float() * query_mask[None, :, None]).sum(dim=(0, 1)) for a in out.attentions)
+    kv = []
+    for layer in out.past_key_values.layers:
+        kv += [layer.keys[0].float().numpy().copy(), layer.values[0].float().numpy().copy()]
+    return ReferencePass(logits=out.logits[0].float().numpy(), kv=kv, visual_scores=scores.numpy())
+
+
+def verify_export(model_dir: str | Path, edge_dir: str | Path, dtype: str, seed: int = 0) -> VerifyReport:
+    """Compare an export with the float32 PyTorch model on one random-pixel sample."""
+    edge = EdgeModel.load(edge_dir, providers=[CPU])
+    model = load_model(model_dir, "fp32")
+    tol = TOLERANCES[dtype]
+    tiling = edge.files.tiling
+    rng = np.random.default_rng(seed)
+    pixel_values = rng.standard_normal((VERIFY_TILES, 3, tiling.tile_size, tiling.tile_size)).astype(
+        np.float32
+    )
+    prompt = build_prompt(edge.files, VERIFY_QUESTION, VERIFY_TILES * tiling.tokens_per_tile)
+    visual = slice(prompt.visual_start, prompt.visual_end)
+
+    with torch.no_grad():
+        features = model.get_image_features(pixel_values=torch.from_numpy(pixel_values)).pooler_output
+    reference_embeds = features.reshape(-1, features.shape[-1]).numpy()
+    image_embeds = edge.encode_image(pixel_values)
+    checks = [_check("vision image_embeds", image_embeds, reference_embeds, tol.image_embeds)]
+
+    passes, fed = reference_passes(
+        model, prompt.input_ids, pixel_values, prompt.visual_end, VERIFY_DECODE_STEPS
+    )
+    embeds = edge.embed(prompt.input_ids)
+    embeds[visual] = image_embeds
+    length = len(prompt.input_ids)
+    query_mask = (np.arange(length) >= prompt.visual_end).astype(np.float32)
+    step = edge.decode(embeds[None], np.arange(length)[None], query_mask[None], edge.empty_cache())
+    steps = [step]
+    for index, token in enumerate(fed):
+        feed = edge.embed(np.array([token]))[None]
+        step = edge.decode(feed, np.array([[length + index]]), np.ones((1, 1), np.float32), step.cache)
+        steps.append(step)
+
+    for index, (ort_step, ref) in enumerate(zip(steps, passes, strict=True)):
+        name = "prefill" if index == 0 else f"decode {index}"
+        checks.append(_check(f"{name} logits", ort_step.logits[0], ref.logits, tol.logits))
+        # every layer's key and value, flattened into one vector per side
+        kv = np.concatenate([value.numpy()[0].astype(np.float32).ravel() for value in ort_step.cache])
+        checks.append(_check(f"{name} kv", kv, np.concatenate([t.ravel() for t in ref.kv]), tol.kv))
+        checks.append(
+            _check(f"{name} visual_scores", ort_step.visual_scores[0], ref.visual_scores, tol.visual_scores)
+        )
+    return VerifyReport(dtype=dtype, checks=tuple(checks))
+
+
+def _check(name: str, ours: np.ndarray, reference: np.ndarray, tolerance: Tolerance) -> Check:
+    if ours.shape != reference.shape:
+        return Check(
+            f"{name} shape {ours.shape} != {reference.shape}", float("inf"), tolerance.bound(reference)
+        )
+    diff = float(np.abs(ours.astype(np.float64) - reference.astype(np.float64)).max(initial=0.0))
+    return Check(name, diff, tolerance.bound(reference))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,351 @@
+"""The small VLM on ONNX Runtime: greedy answers with their visual-token scores.
+
+``EdgeModel.load(dir)`` opens an export directory (``stitch-export``'s output:
+``stitch_edge.json``, ``vision.onnx``, ``decoder.onnx``, the token embedding
+matrix and the checkpoint's tokenizer/config files) and ``generate`` answers
+one question about one image:
+
+    image -> tiles (shared.preprocess) -> vision.onnx -> image embeds
+    prompt ids (shared.prompt) -> embedding rows, image embeds spliced in
+    decoder.onnx prefill, then one decoder.onnx pass per new token (KV cache)
+
+Every decoder pass also returns its visual-token score (summed inside the
+graph, DESIGN "Visual-token score"); ``generate`` adds them up into ``A``.
+``teacher_forced_probs`` is the SEE consistency pass: the prompt with only some
+visual tokens kept, original position ids, and the answer teacher-forced.
+
+On CUDA (CUDAExecutionProvider) the KV cache stays on the device between
+passes through IO binding; on CPU the same code keeps it in ORT's CPU memory.
+
+This module imports neither torch nor transformers (DESIGN invariant 5), and
+does not gate or talk to the cloud: the SEE gate and the client SDK use it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+from stitchvlm.shared.layout import Layout
+from stitchvlm.shared.model_files import ModelFiles
+from stitchvlm.shared.preprocess import decode_image, preprocess_image
+from stitchvlm.shared.prompt import PromptIds, build_prompt, decode_answer
+
+from .sidecar import EdgeSidecar
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+@dataclass(frozen=True)
+class EdgeTimings:
+    """Where one edge generation spent its time, in milliseconds."""
+
+    preprocess_ms: float  # image decode + tiling + prompt ids
+    vision_ms: float  # vision graph
+    prefill_ms: float  # first decoder pass over the whole prompt
+    decode_ms: float  # all later decoder passes together
+
+
+@dataclass(frozen=True, eq=False)
+class EdgeGeneration:
+    """One greedy answer of the small model and what the gate and the cloud request need of it."""
+
+    token_ids: tuple[int, ...]  # generated ids, the EOS included when one was generated
+    text: str  # decoded answer without special tokens
+    token_probs: np.ndarray  # [N_G] float64: softmax probability of each chosen token
+    visual_scores: np.ndarray  # [|V|] float64: A = A^P + sum of A^D
+    layout: Layout  # the tile grid of the image
+    prompt: PromptIds  # prompt ids and where the visual tokens sit
+    image_embeds: np.ndarray  # [|V|, hidden] export dtype: kept for the consistency pass
+    timings: EdgeTimings
+
+
+@dataclass(frozen=True, eq=False)
+class DecoderStep:
+    """What one decoder pass returns."""
+
+    logits: np.ndarray  # [batch, seq, vocab] float32
+    visual_scores: np.ndarray  # [batch, past + seq] float32: this pass's score of every key position
+    cache: list[ort.OrtValue]  # present key/value per layer, on the session's device
+
+
+class EdgeModel:
+    """The exported small VLM: vision graph, decoder graph, embeddings, tokenizer."""
+
+    def __init__(
+        self,
+        sidecar: EdgeSidecar,
+        files: ModelFiles,
+        embeddings: np.ndarray,
+        vision: ort.InferenceSession,
+        decoder: ort.InferenceSession,
+    ) -> None:
+        self.sidecar = sidecar
+        self.files = files
+        self.embeddings = embeddings  # [vocab, hidden] export dtype (memory-mapped)
+        self.vision = vision
+        self.decoder = decoder
+        # "cuda" when the decoder really runs on the CUDA EP (ORT falls back to CPU silently).
+        self.device = "cuda" if decoder.get_providers()[0] == CUDA else "cpu"
+        self.dtype = np.dtype(sidecar.numpy_dtype)
+        io, layers = sidecar.io, sidecar.dims.num_layers
+        self._past_names = io.past_names(layers)
+        self._present_names = io.present_names(layers)
+        _check_graph_io(decoder, io.decoder_inputs(layers), io.decoder_outputs(layers), "decoder")
+        _check_graph_io(vision, [io.pixel_values], [io.image_embeds], "vision")
+
+    @classmethod
+    def load(cls, edge_dir: str | Path, providers: list[str] | None = None) -> EdgeModel:
+        """Open an export directory; CUDA when ORT can use it, else CPU, unless ``providers`` says.
+
+        Raises ``FileNotFoundError``/``ValueError`` for a directory that is not a
+        complete export or whose copied configs disagree with its sidecar.
+        """
+        root = Path(edge_dir)
+        sidecar = EdgeSidecar.load(root)
+        files = ModelFiles.load(root)
+        _check_consistent(sidecar, files)
+        embeddings = np.load(root / sidecar.graphs.embeddings, mmap_mode="r")
+        dims = sidecar.dims
+        if embeddings.shape != (dims.vocab_size, dims.hidden_size) or embeddings.dtype != sidecar.numpy_dtype:
+            raise ValueError(
+                f"{sidecar.graphs.embeddings} is {embeddings.dtype}{list(embeddings.shape)}, expected "
+                f"{sidecar.numpy_dtype}[{dims.vocab_size}, {dims.hidden_size}]"
+            )
+        if providers is None:
+            providers = [CUDA, CPU] if CUDA in ort.get_available_providers() else [CPU]
+        decoder = ort.InferenceSession(str(root / sidecar.graphs.decoder), providers=providers)
+        # The vision graph follows the providers the decoder really got (one CUDA probe, one warning).
+        vision = ort.InferenceSession(str(root / sidecar.graphs.vision), providers=decoder.get_providers())
+        return cls(sidecar, files, embeddings, vision, decoder)
+
+    # ----------------------------------------------------------------- graph calls
+
+    def encode_image(self, pixel_values: np.ndarray) -> np.ndarray:
+        """pixel_values [tiles, 3, t, t] float32 -> image embeds [tiles * tokens_per_tile, hidden]."""
+        io = self.sidecar.io
+        (embeds,) = self.vision.run(
+            [io.image_embeds], {io.pixel_values: np.ascontiguousarray(pixel_values, np.float32)}
+        )
+        return embeds
+
+    def embed(self, token_ids: np.ndarray) -> np.ndarray:
+        """Token ids [n] -> embedding rows [n, hidden] in the export dtype."""
+        ids = np.asarray(token_ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.sidecar.dims.vocab_size):
+            raise ValueError(f"token ids outside the vocabulary 0..{self.sidecar.dims.vocab_size - 1}")
+        return np.asarray(self.embeddings[ids])
+
+    def empty_cache(self, batch: int = 1) -> list[ort.OrtValue]:
+        """A KV cache holding no positions: past length 0 for every layer."""
+        dims = self.sidecar.dims
+        empty = np.zeros((batch, dims.num_kv_heads, 0, dims.head_dim), dtype=self.dtype)
+        return [ort.OrtValue.ortvalue_from_numpy(empty, self.device, 0) for _ in self._past_names]
+
+    def decode(
+        self,
+        inputs_embeds: np.ndarray,
+        position_ids: np.ndarray,
+        score_query_mask: np.ndarray,
+        cache: list[ort.OrtValue],
+        attention_mask: np.ndarray | None = None,
+    ) -> DecoderStep:
+        """One decoder pass over ``seq`` new positions after the ``past`` ones in ``cache``.
+
+        inputs_embeds [batch, seq, hidden], position_ids [batch, seq] int64,
+        score_query_mask [batch, seq] (1 = this query's attention counts in the
+        score), attention_mask [batch, past + seq] int64 (all ones when None).
+        """
+        io = self.sidecar.io
+        batch, seq = position_ids.shape
+        past = cache[0].shape()[2]
+        if attention_mask is None:
+            attention_mask = np.ones((batch, past + seq), dtype=np.int64)
+        binding = self.decoder.io_binding()
+        binding.bind_cpu_input(io.inputs_embeds, np.ascontiguousarray(inputs_embeds, dtype=self.dtype))
+        binding.bind_cpu_input(io.position_ids, np.ascontiguousarray(position_ids, dtype=np.int64))
+        binding.bind_cpu_input(io.attention_mask, np.ascontiguousarray(attention_mask, dtype=np.int64))
+        binding.bind_cpu_input(io.score_query_mask, np.ascontiguousarray(score_query_mask, dtype=np.float32))
+        for name, value in zip(self._past_names, cache, strict=True):
+            binding.bind_ortvalue_input(name, value)
+        # Logits and scores come back to the host every pass; the cache stays where the session runs.
+        binding.bind_output(io.logits, "cpu")
+        binding.bind_output(io.visual_scores, "cpu")
+        for name in self._present_names:
+            binding.bind_output(name, self.device)
+        self.decoder.run_with_iobinding(binding)
+        logits, scores, *present = binding.get_outputs()
+        return DecoderStep(logits=logits.numpy(), visual_scores=scores.numpy(), cache=present)
+
+    # ----------------------------------------------------------------- generation
+
+    def generate(self, image: Image.Image | bytes, question: str, max_new_tokens: int = 32) -> EdgeGeneration:
+        """Greedy answer to ``question`` about ``image`` with per-token probabilities and scores A.
+
+        Stops after an EOS id (kept in ``token_ids``) or ``max_new_tokens``
+        tokens, or when the context is full. Raises ``ValueError`` when the
+        prompt alone does not fit the context, ``RequestError`` for image bytes
+        that do not decode.
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        started = time.perf_counter()
+        picture = decode_image(image) if isinstance(image, bytes | bytearray) else image
+        pixel_values, layout = preprocess_image(picture, self.files.tiling)
+        prompt = build_prompt(self.files, question, layout.num_visual_tokens)
+        prompt_len = len(prompt.input_ids)
+        if prompt_len >= self.files.max_context:
+            raise ValueError(
+                f"prompt of {prompt_len} tokens does not fit the context of {self.files.max_context}"
+            )
+        budget = min(max_new_tokens, self.files.max_context - prompt_len)
+        preprocessed = time.perf_counter()
+
+        image_embeds = self.encode_image(pixel_values)  # [|V|, hidden]
+        visioned = time.perf_counter()
+
+        embeds = self.embed(prompt.input_ids)  # [S, hidden]
+        embeds[prompt.visual_start : prompt.visual_end] = image_embeds
+        # Prefill queries that count: the text after the image. Visual tokens and the text
+        # before the image would add nothing anyway: causality keeps them from seeing any
+        # visual token after them, and a visual token's own queries are not scored.
+        query_mask = (np.arange(prompt_len) >= prompt.visual_end).astype(np.float32)  # [S]
+        step = self.decode(embeds[None], np.arange(prompt_len)[None], query_mask[None], self.empty_cache())
+        visual_scores = step.visual_scores[0, prompt.visual_start : prompt.visual_end].astype(np.float64)
+        token, prob = _greedy(step.logits[0, -1])
+        tokens, probs = [token], [prob]
+        prefilled = time.perf_counter()
+
+        eos = set(self.files.eos_token_ids)
+        while tokens[-1] not in eos and len(tokens) < budget:
+            position = prompt_len + len(tokens) - 1  # the fed token's position
+            step = self.decode(
+                self.embed(np.array([tokens[-1]]))[None],
+                np.array([[position]]),
+                np.ones((1, 1), dtype=np.float32),
+                step.cache,
+            )
+            visual_scores += step.visual_scores[0, prompt.visual_start : prompt.visual_end]
+            token, prob = _greedy(step.logits[0, -1])
+            tokens.append(token)
+            probs.append(prob)
+        finished = time.perf_counter()
+
+        return EdgeGeneration(
+            token_ids=tuple(tokens),
+            text=decode_answer(self.files, tokens),
+            token_probs=np.asarray(probs, dtype=np.float64),
+            visual_scores=visual_scores,
+            layout=layout,
+            prompt=prompt,
+            image_embeds=image_embeds,
+            timings=EdgeTimings(
+                preprocess_ms=1e3 * (preprocessed - started),
+                vision_ms=1e3 * (visioned - preprocessed),
+                prefill_ms=1e3 * (prefilled - visioned),
+                decode_ms=1e3 * (finished - prefilled),
+            ),
+        )
+
+    def teacher_forced_probs(
+        self,
+        prompt: PromptIds,
+        image_embeds: np.ndarray,
+        keep_visual: np.ndarray,
+        answer_ids: np.ndarray | list[int] | tuple[int, ...],
+    ) -> np.ndarray:
+        """p'_i of each answer token with only ``keep_visual`` visual tokens in the prompt.
+
+        One decoder pass over [text before the image, the kept visual tokens,
+        text after, answer tokens but the last], every token at its ORIGINAL
+        position id (DESIGN "SEE gate", S_cons). ``keep_visual`` holds ascending
+        indices in 0..|V|-1 (``top_r_indices``); ``image_embeds`` [|V|, hidden]
+        come from ``generate``, so vision does not run again. Returns [N] float64.
+        """
+        answer = np.asarray(answer_ids, dtype=np.int64).reshape(-1)  # [N]
+        if answer.size == 0:
+            return np.zeros(0, dtype=np.float64)
+        kept = _kept_indices(keep_visual, prompt.num_visual_tokens)  # [k]
+        if image_embeds.shape[0] != prompt.num_visual_tokens:
+            raise ValueError(
+                f"{image_embeds.shape[0]} image embeds for {prompt.num_visual_tokens} visual tokens"
+            )
+        ids = prompt.input_ids
+        before = np.arange(prompt.visual_start)
+        after = np.arange(prompt.visual_end, len(ids))
+        answer_positions = len(ids) + np.arange(answer.size - 1)
+        position_ids = np.concatenate([before, prompt.visual_start + kept, after, answer_positions])  # [S']
+        embeds = np.concatenate(
+            [
+                self.embed(ids[: prompt.visual_start]),
+                np.asarray(image_embeds, dtype=self.dtype)[kept],
+                self.embed(ids[prompt.visual_end :]),
+                self.embed(answer[:-1]),
+            ]
+        )  # [S', hidden]
+        no_score = np.zeros((1, len(position_ids)), dtype=np.float32)  # the score of this pass is not used
+        step = self.decode(embeds[None], position_ids[None], no_score, self.empty_cache())
+        # The last prompt position predicts answer[0], answer position j predicts answer[j + 1].
+        logits = step.logits[0, -answer.size :]  # [N, vocab]
+        probs = _softmax64(logits)  # [N, vocab]
+        return probs[np.arange(answer.size), answer]
+
+
+def _greedy(logits: np.ndarray) -> tuple[int, float]:
+    """argmax token (lowest id among ties, as torch.argmax) and its float64 softmax probability."""
+    # logits: [vocab]
+    token = int(np.argmax(logits))
+    return token, float(_softmax64(logits[None])[0, token])
+
+
+def _softmax64(logits: np.ndarray) -> np.ndarray:
+    # logits: [n, vocab] -> probabilities [n, vocab] float64
+    wide = logits.astype(np.float64)
+    wide -= wide.max(axis=-1, keepdims=True)
+    exp = np.exp(wide)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def _kept_indices(keep_visual: np.ndarray, num_visual_tokens: int) -> np.ndarray:
+    """Ascending unique int64 indices in 0..|V|-1; a bool mask of length |V| is accepted too."""
+    keep = np.asarray(keep_visual)
+    if keep.dtype == np.bool_:
+        if keep.shape != (num_visual_tokens,):
+            raise ValueError(f"keep mask has shape {keep.shape}, expected ({num_visual_tokens},)")
+        keep = np.flatnonzero(keep)
+    keep = keep.astype(np.int64).reshape(-1)
+    if keep.size == 0:
+        raise ValueError("keep_visual is empty: at least one visual token must be kept")
+    if keep[0] < 0 or keep[-1] >= num_visual_tokens or (np.diff(keep) <= 0).any():
+        raise ValueError(f"keep_visual must be ascending unique indices in 0..{num_visual_tokens - 1}")
+    return keep
+
+
+def _check_graph_io(session: ort.InferenceSession, inputs: list[str], outputs: list[str], what: str) -> None:
+    have_in = [i.name for i in session.get_inputs()]
+    have_out = [o.name for o in session.get_outputs()]
+    if have_in != inputs or have_out != outputs:
+        raise ValueError(
+            f"{what} graph I/O {have_in} -> {have_out} is not the sidecar's {inputs} -> {outputs}"
+        )
+
+
+def _check_consistent(sidecar: EdgeSidecar, files: ModelFiles) -> None:
+    """The copied checkpoint files must still say what the export saw."""
+    problems = []
+    if files.tiling != sidecar.tiling:
+        problems.append(f"tiling {files.tiling} != sidecar {sidecar.tiling}")
+    if files.image_context_id != sidecar.tokens.image_token_id:
+        problems.append(f"image token {files.image_context_id} != sidecar {sidecar.tokens.image_token_id}")
+    if tuple(files.eos_token_ids) != tuple(sidecar.tokens.eos_token_ids):
+        problems.append(f"eos ids {files.eos_token_ids} != sidecar {sidecar.tokens.eos_token_ids}")
+    if files.num_hidden_layers != sidecar.dims.num_layers:
+        problems.append(f"layers {files.num_hidden_layers} != sidecar {sidecar.dims.num_layers}")
+    if problems:
+        raise ValueError("export directory is inconsistent: " + "; ".join(problems))

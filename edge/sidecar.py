@@ -1,0 +1,184 @@
+"""``stitch_edge.json``: what the exporter tells the torch-free edge runtime.
+
+The exporter writes one sidecar next to the ``.onnx`` files; the runtime reads
+only that directory (sidecar, graphs, embedding matrix and the checkpoint's
+copied tokenizer/config files). The sidecar names the graph files and their
+I/O, the decoder's dimensions (to allocate an empty KV cache) and the dtype the
+graphs take and give, and repeats the token ids and tiling the export saw so
+the runtime can refuse a directory whose copied configs were changed since.
+
+This module is plain dataclasses and JSON: no torch, no onnxruntime.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from stitchvlm.shared.layout import TilingConfig
+
+SIDECAR_NAME = "stitch_edge.json"
+# Bump when a field changes meaning; the runtime refuses other versions.
+FORMAT_VERSION = 1
+# Export dtypes and the numpy dtype of the tensors the graphs exchange in that dtype.
+DTYPES = {"fp32": "float32", "fp16": "float16"}
+
+
+@dataclass(frozen=True)
+class DecoderDims:
+    """Sizes of the exported text decoder."""
+
+    num_layers: int  # decoder layers, one past/present key and value pair each
+    num_heads: int  # query heads per layer
+    num_kv_heads: int  # key/value heads per layer (GQA: fewer than num_heads)
+    head_dim: int  # width of one head
+    hidden_size: int  # width of inputs_embeds and image_embeds
+    vocab_size: int  # width of logits
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """Special token ids as the exported checkpoint's configs give them."""
+
+    image_token_id: int  # <IMG_CONTEXT>, one per visual token
+    eos_token_ids: tuple[int, ...]  # generation stops on any of these
+    pad_token_id: int | None = None  # padding id, if the checkpoint names one
+
+
+@dataclass(frozen=True)
+class GraphFiles:
+    """File names inside the export directory."""
+
+    vision: str = "vision.onnx"  # pixel_values -> image_embeds
+    decoder: str = "decoder.onnx"  # one decoder pass with KV cache and visual scores
+    # Token embedding matrix [vocab, hidden] in the export dtype, read with np.load(mmap_mode="r").
+    embeddings: str = "embed_tokens.npy"
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    """Input and output names of the two graphs; ``{i}`` in a template is the layer index."""
+
+    pixel_values: str = "pixel_values"  # vision in: [tiles, 3, tile, tile] float32
+    image_embeds: str = "image_embeds"  # vision out: [tiles * tokens_per_tile, hidden] export dtype
+    inputs_embeds: str = "inputs_embeds"  # decoder in: [batch, seq, hidden] export dtype
+    position_ids: str = "position_ids"  # decoder in: [batch, seq] int64 (RoPE positions)
+    attention_mask: str = "attention_mask"  # decoder in: [batch, past + seq] int64, 1 = real token
+    score_query_mask: str = (
+        "score_query_mask"  # decoder in: [batch, seq] float32, 1 = query counts in the score
+    )
+    past_key: str = "past_key_{i}"  # decoder in: [batch, kv_heads, past, head_dim] export dtype
+    past_value: str = "past_value_{i}"
+    logits: str = "logits"  # decoder out: [batch, seq, vocab] float32
+    visual_scores: str = "visual_scores"  # decoder out: [batch, past + seq] float32, this pass's score
+    present_key: str = "present_key_{i}"  # decoder out: [batch, kv_heads, past + seq, head_dim] export dtype
+    present_value: str = "present_value_{i}"
+
+    def past_names(self, num_layers: int) -> list[str]:
+        """past_key_0, past_value_0, past_key_1, ... in the decoder's input order."""
+        return [name.format(i=i) for i in range(num_layers) for name in (self.past_key, self.past_value)]
+
+    def present_names(self, num_layers: int) -> list[str]:
+        """present_key_0, present_value_0, ... in the decoder's output order."""
+        return [
+            name.format(i=i) for i in range(num_layers) for name in (self.present_key, self.present_value)
+        ]
+
+    def decoder_inputs(self, num_layers: int) -> list[str]:
+        fixed = [self.inputs_embeds, self.position_ids, self.attention_mask, self.score_query_mask]
+        return fixed + self.past_names(num_layers)
+
+    def decoder_outputs(self, num_layers: int) -> list[str]:
+        return [self.logits, self.visual_scores, *self.present_names(num_layers)]
+
+
+@dataclass(frozen=True)
+class EdgeSidecar:
+    """Everything about an export directory that is not in the checkpoint's own files."""
+
+    model_id: str  # name of the exported checkpoint
+    dtype: str  # "fp32" or "fp16": weights, embeddings, KV cache; logits and scores stay float32
+    dims: DecoderDims
+    tokens: TokenIds
+    tiling: TilingConfig  # the tiling the vision graph was exported for
+    tokens_per_tile: int  # visual tokens one tile becomes (vision graph rows per tile)
+    graphs: GraphFiles = field(default_factory=GraphFiles)
+    io: GraphIO = field(default_factory=GraphIO)
+    opset: int = 17  # ONNX opset of both graphs
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.tokens_per_tile != self.tiling.tokens_per_tile:
+            raise ValueError(
+                f"tokens_per_tile {self.tokens_per_tile} disagrees with tiling.tokens_per_tile "
+                f"{self.tiling.tokens_per_tile}"
+            )
+
+    @property
+    def numpy_dtype(self) -> str:
+        """numpy name of the dtype of embeddings and KV cache."""
+        return DTYPES[self.dtype]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> EdgeSidecar:
+        """Parse a sidecar; ``ValueError`` for another format version or a missing/unknown key."""
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("sidecar must hold a JSON object")
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"sidecar format_version {version!r} is not supported (expected {FORMAT_VERSION})"
+            )
+        return cls(
+            model_id=data["model_id"],
+            dtype=data["dtype"],
+            dims=_build(DecoderDims, data["dims"]),
+            tokens=_build(
+                TokenIds, {**data["tokens"], "eos_token_ids": tuple(data["tokens"]["eos_token_ids"])}
+            ),
+            tiling=_build(
+                TilingConfig,
+                {
+                    **data["tiling"],
+                    "image_mean": tuple(data["tiling"]["image_mean"]),
+                    "image_std": tuple(data["tiling"]["image_std"]),
+                },
+            ),
+            tokens_per_tile=data["tokens_per_tile"],
+            graphs=_build(GraphFiles, data["graphs"]),
+            io=_build(GraphIO, data["io"]),
+            opset=data["opset"],
+            format_version=version,
+        )
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / SIDECAR_NAME
+        path.write_text(self.to_json(), encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> EdgeSidecar:
+        path = Path(directory) / SIDECAR_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{directory} is not an edge export: it has no {SIDECAR_NAME}")
+        try:
+            return cls.from_json(path.read_text(encoding="utf-8"))
+        except (KeyError, TypeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path} is malformed: {error!r}") from error
+
+
+def _build(kind: type, data: dict[str, Any]) -> Any:
+    """A dataclass from a dict, refusing keys it does not have (a typo must not pass as a default)."""
+    known = {f.name for f in fields(kind)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"unknown {kind.__name__} keys in sidecar: {sorted(unknown)}")
+    return kind(**data)
