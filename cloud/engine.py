@@ -82,7 +82,10 @@ class CloudEngine:
         pixel_values, layout = preprocess_image(image, self.files.tiling)
         self._check_layout(request, layout)
         keep = _check_indices(request.kept_indices, layout.num_visual_tokens, request.retention)
-        prompt = build_prompt(self.files, request.prompt, layout.num_visual_tokens)
+        try:
+            prompt = build_prompt(self.files, request.prompt, layout.num_visual_tokens)
+        except ValueError as exc:  # e.g. special-token text that would move the visual span
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"prompt: {exc}") from exc
         needed = len(prompt.input_ids) + request.max_new_tokens
         if needed > self.max_context:
             raise RequestError(
@@ -92,7 +95,7 @@ class CloudEngine:
             )
 
         features = self.sgp.image_features(torch.from_numpy(pixel_values))
-        input_ids = torch.from_numpy(prompt.input_ids)
+        input_ids = torch.from_numpy(np.array(prompt.input_ids))  # a writable copy
         inputs_embeds = self.sgp.embed(input_ids, features)
         t_vision = time.perf_counter()
         keep_positions = kept_sequence_positions(

@@ -1,0 +1,142 @@
+"""``stitch-cloud``: the cloud's command line (the only place that parses arguments).
+
+``stitch-cloud serve --model DIR`` runs the gRPC service (``server.serve``)
+until SIGTERM/SIGINT. Also reachable as ``python -m stitchvlm.cloud.cli``.
+It does not load anything itself: it turns flags into ``ServerConfig`` and
+``EngineConfig`` and hands them over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .engine import DTYPES, EngineConfig
+from .server import ServerConfig, serve
+
+AUTH_TOKEN_ENV = "STITCH_AUTH_TOKEN"
+
+
+def prune_layer(text: str) -> float:
+    """``"2"`` -> layer 2; ``"0.1"`` -> 10% of the depth (the engine resolves the fraction)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value.is_integer() and value >= 0:
+        return int(value)
+    if 0 < value < 1:
+        return value
+    raise argparse.ArgumentTypeError(f"expected a layer index >= 0 or a fraction in (0, 1), got {text!r}")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stitch-cloud", description="Stitch cloud: the pruned large VLM over gRPC."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_cmd = commands.add_parser("serve", help="serve stitch.v1.Cascade (plus health and reflection)")
+    model = serve_cmd.add_argument_group("model")
+    model.add_argument("--model", type=Path, required=True, help="Hugging Face InternVL checkpoint directory")
+    model.add_argument("--model-id", default="", help="id requests name (default: the directory name)")
+    model.add_argument(
+        "--prune-layer", type=prune_layer, default=2, help="K: layer index (2) or fraction of depth (0.1)"
+    )
+    model.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    model.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    model.add_argument(
+        "--max-new-tokens", type=positive_int, default=256, help="largest budget a request may ask"
+    )
+    net = serve_cmd.add_argument_group("network")
+    net.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 for all)")
+    net.add_argument("--port", type=non_negative_int, default=50051, help="0 picks a free port")
+    net.add_argument("--max-concurrency", type=positive_int, default=1, help="generations at once")
+    net.add_argument(
+        "--max-queue", type=non_negative_int, default=8, help="requests that may wait for a slot"
+    )
+    net.add_argument("--max-message-mb", type=float, default=32.0, help="largest request accepted, MiB")
+    net.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get on shutdown")
+    net.add_argument("--tls-cert", type=Path, help="PEM certificate chain (TLS when given, with --tls-key)")
+    net.add_argument("--tls-key", type=Path, help="PEM private key")
+    net.add_argument(
+        "--auth-token",
+        default=os.environ.get(AUTH_TOKEN_ENV) or None,
+        help=f"bearer token clients must send (default: ${AUTH_TOKEN_ENV}; none = no auth)",
+    )
+    serve_cmd.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def configs_from_args(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[ServerConfig, EngineConfig]:
+    """Check the flags that need the file system; exit 2 through ``parser.error`` when wrong."""
+    if not args.model.is_dir():
+        parser.error(f"--model {args.model}: no such directory")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
+        if path is not None and not path.is_file():
+            parser.error(f"{flag} {path}: no such file")
+    if args.max_message_mb <= 0:
+        parser.error("--max-message-mb must be > 0")
+    try:
+        return _configs(args)
+    except ValueError as error:  # a value the config classes refuse
+        parser.error(str(error))
+
+
+def _configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
+    server = ServerConfig(
+        host=args.host,
+        port=args.port,
+        max_concurrency=args.max_concurrency,
+        max_queue=args.max_queue,
+        max_message_bytes=int(args.max_message_mb * 1024 * 1024),
+        grace_seconds=args.grace,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        auth_token=args.auth_token or None,  # an empty token means no auth
+    )
+    engine = EngineConfig(
+        model_dir=args.model,
+        prune_layer=args.prune_layer,
+        device=args.device,
+        dtype=args.dtype,
+        max_new_tokens_limit=args.max_new_tokens,
+        model_id=args.model_id,
+    )
+    return server, engine
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    server_config, engine_config = configs_from_args(parser, args)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    return asyncio.run(serve(server_config, engine_config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
