@@ -1,0 +1,311 @@
+"""How the edge asks the cloud: one client interface, two transports.
+
+- ``CloudClient``: ``answer(request, timeout_s) -> CloudReply`` and its
+  awaitable twin ``answer_async``; every failure is a ``CloudError`` carrying
+  the gRPC status, whatever the transport.
+- ``GrpcCloudClient``: the ``stitch.v1.Cascade`` stub over a gRPC channel
+  (TLS and a bearer token optional). The whole call, retries included, runs
+  within one deadline of ``timeout_s``; UNAVAILABLE (no server, server still
+  loading) is retried with exponential backoff while the deadline allows.
+- ``InProcessCloudClient``: a loaded ``CloudEngine`` (or anything with its
+  ``answer(request, should_stop)``) called directly, through the same wire
+  conversion the server applies, so the gate and SDK are tested without a
+  network and both transports refuse a bad request alike.
+- ``connect_cloud``: picks one from what the caller has ("host:port" or an engine).
+
+``request_wire_size`` measures what a request costs on the wire (the
+serialized ``AnswerRequest``), split into image, kept indices and the rest.
+
+This module decides nothing (the SDK does) and imports no torch: the
+in-process client only calls the engine it is handed.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
+
+from stitchvlm.shared import wire
+from stitchvlm.shared.errors import RequestError
+from stitchvlm.shared.pb import cascade_pb2, cascade_pb2_grpc
+from stitchvlm.shared.types import CloudReply, CloudRequest
+
+# Statuses worth another attempt: nothing was answered and the server may be back soon
+# (no server listening, connection dropped, model still loading).
+RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
+DEFAULT_MAX_MESSAGE_BYTES = 32 * 1024 * 1024  # the server's default receive limit
+
+
+class CloudError(Exception):
+    """The cloud did not answer: ``code`` is the gRPC status, ``message`` what it said."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, attempts: int = 1) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code  # grpc.StatusCode of the last attempt
+        self.message = message  # the status details (or the client's own explanation)
+        self.attempts = attempts  # calls made, retries included
+
+
+@dataclass(frozen=True)
+class WireSize:
+    """Bytes of one serialized ``AnswerRequest`` and where they go."""
+
+    total: int  # the whole message as sent
+    image: int  # the encoded image payload
+    indices: int  # the ``KeptTokens`` message (kept visual-token indices)
+    other: int  # prompt, layout, parameters, field tags and lengths
+
+
+def request_wire_size(request: CloudRequest, encoding: str = "auto") -> WireSize:
+    """Size of ``request`` as ``wire.request_to_proto(request, encoding)`` serializes it."""
+    return _wire_size(wire.request_to_proto(request, encoding))
+
+
+def _wire_size(message: cascade_pb2.AnswerRequest) -> WireSize:
+    total = message.ByteSize()
+    image = len(message.image)
+    indices = message.kept.ByteSize()
+    return WireSize(total=total, image=image, indices=indices, other=total - image - indices)
+
+
+class _Cancellation:
+    """Lets an abandoned ``answer_async`` stop the worker thread's call and its backoff sleeps."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._call: grpc.Future | None = None
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._event.set()
+            if self._call is not None:
+                self._call.cancel()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def attach(self, call: grpc.Future) -> None:
+        """The call in flight; cancelled at once when cancellation came first."""
+        with self._lock:
+            self._call = call
+            if self._event.is_set():
+                call.cancel()
+
+    def sleep(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``; True when cancelled meanwhile."""
+        return self._event.wait(seconds)
+
+
+class CloudClient(abc.ABC):
+    """Asks the large model one question. Implementations are safe to share between threads."""
+
+    index_encoding: str = "auto"  # KeptTokens encoding on the wire (codec.encode_indices)
+
+    @abc.abstractmethod
+    def answer(self, request: CloudRequest, timeout_s: float) -> CloudReply:
+        """The cloud's reply within ``timeout_s`` seconds, or ``CloudError``."""
+
+    async def answer_async(self, request: CloudRequest, timeout_s: float) -> CloudReply:
+        """``answer`` on a worker thread. Transports that can stop a call override this."""
+        return await asyncio.to_thread(self.answer, request, timeout_s)
+
+    def wire_size(self, request: CloudRequest) -> WireSize:
+        """What ``request`` costs on the wire with this client's index encoding."""
+        return request_wire_size(request, self.index_encoding)
+
+    def close(self) -> None:  # noqa: B027 - optional hook; clients without resources need nothing
+        """Release connections; the client is unusable afterwards."""
+
+    def __enter__(self) -> CloudClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+async def _run_cancellable(call, request: CloudRequest, timeout_s: float) -> CloudReply:
+    """``call(request, timeout_s, cancellation)`` on a thread; a cancelled await cancels the call too."""
+    cancellation = _Cancellation()
+    task = asyncio.ensure_future(asyncio.to_thread(call, request, timeout_s, cancellation))
+    # Once abandoned, the thread's CloudError(CANCELLED) has no reader; retrieve it so it is not logged.
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        cancellation.cancel()
+        raise
+
+
+def _check_timeout(timeout_s: float) -> float:
+    timeout = float(timeout_s)
+    if not timeout > 0:  # also false for NaN
+        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+    return timeout
+
+
+class GrpcCloudClient(CloudClient):
+    """``stitch.v1.Cascade/Answer`` over one gRPC channel (HTTP/2, reused across calls)."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        tls_root_cert: bytes | None = None,
+        auth_token: str | None = None,
+        max_retries: int = 3,
+        backoff_s: float = 0.1,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        index_encoding: str = "auto",
+    ) -> None:
+        """``address``: a gRPC target ("host:port"). ``tls_root_cert``: PEM the client trusts,
+        TLS when given, plaintext otherwise. ``auth_token``: sent as ``authorization: Bearer``.
+        ``max_retries``: extra attempts after UNAVAILABLE, the n-th after about
+        ``backoff_s * 2**(n-1)`` seconds. ``max_message_bytes``: largest request or reply."""
+        if not address:
+            raise ValueError("address is empty")
+        if max_retries < 0 or backoff_s < 0 or max_message_bytes < 1:
+            raise ValueError("max_retries and backoff_s must be >= 0, max_message_bytes >= 1")
+        self.address = address
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.index_encoding = index_encoding
+        self._metadata = (("authorization", f"Bearer {auth_token}"),) if auth_token else ()
+        options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
+        if tls_root_cert is None:
+            self._channel = grpc.insecure_channel(address, options=options)
+        else:
+            credentials = grpc.ssl_channel_credentials(root_certificates=tls_root_cert)
+            self._channel = grpc.secure_channel(address, credentials, options=options)
+        self._stub = cascade_pb2_grpc.CascadeStub(self._channel)
+
+    def answer(self, request: CloudRequest, timeout_s: float) -> CloudReply:
+        return self._call(request, timeout_s, _Cancellation())
+
+    async def answer_async(self, request: CloudRequest, timeout_s: float) -> CloudReply:
+        return await _run_cancellable(self._call, request, timeout_s)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, request: CloudRequest, timeout_s: float, cancellation: _Cancellation) -> CloudReply:
+        deadline = time.monotonic() + _check_timeout(timeout_s)
+        message = wire.request_to_proto(request, self.index_encoding)
+        attempts = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise CloudError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no reply within {timeout_s}s", attempts)
+            attempts += 1
+            # wait_for_ready stays False: with no server a call fails at once (UNAVAILABLE) and the
+            # backoff below decides, instead of a dead cloud holding the edge's answer until the deadline.
+            call = self._stub.Answer.future(message, timeout=remaining, metadata=self._metadata)
+            cancellation.attach(call)
+            try:
+                return wire.reply_from_proto(call.result())
+            except grpc.FutureCancelledError:
+                raise CloudError(grpc.StatusCode.CANCELLED, "cancelled by the caller", attempts) from None
+            except grpc.RpcError as error:
+                code, details = call.code(), call.details() or ""
+                if code not in RETRYABLE_CODES or attempts > self.max_retries:
+                    raise CloudError(code, _with_attempts(details, attempts), attempts) from error
+            pause = _backoff(self.backoff_s, attempts)
+            if pause >= deadline - time.monotonic():
+                # Sleeping past the deadline would only turn UNAVAILABLE into DEADLINE_EXCEEDED later.
+                raise CloudError(
+                    code, _with_attempts(details, attempts) + "; deadline too close to retry", attempts
+                )
+            if cancellation.sleep(pause):
+                raise CloudError(grpc.StatusCode.CANCELLED, "cancelled by the caller", attempts)
+
+
+def _backoff(base_s: float, attempt: int) -> float:
+    """Pause before retry ``attempt`` (1-based): ``base * 2**(attempt-1)``, the upper half jittered.
+
+    The jitter keeps a fleet of devices that lost the cloud together from
+    reconnecting in lockstep.
+    """
+    full = base_s * 2 ** (attempt - 1)
+    return full / 2 + random.uniform(0.0, full / 2)
+
+
+def _with_attempts(details: str, attempts: int) -> str:
+    return details if attempts == 1 else f"{details} (after {attempts} attempts)"
+
+
+class AnswersRequests(Protocol):
+    """What the in-process client needs of an engine (``cloud.engine.CloudEngine`` has it)."""
+
+    def answer(self, request: CloudRequest, should_stop=None) -> CloudReply: ...
+
+
+class InProcessCloudClient(CloudClient):
+    """The engine in this process, behind the same wire conversion and statuses as the server.
+
+    The request goes through ``wire.request_to_proto`` / ``request_from_proto``
+    (the server's validation) and the reply through ``reply_to_proto`` /
+    ``reply_from_proto``; ``RequestError`` becomes ``CloudError`` with its code.
+    Calls run one at a time, as on a server with ``max_concurrency`` 1; the
+    deadline covers the wait for that turn and stops the generation between
+    decode steps.
+    """
+
+    def __init__(self, engine: AnswersRequests, index_encoding: str = "auto") -> None:
+        self.engine = engine
+        self.index_encoding = index_encoding
+        self._turn = threading.Lock()
+
+    def answer(self, request: CloudRequest, timeout_s: float) -> CloudReply:
+        return self._call(request, timeout_s, _Cancellation())
+
+    async def answer_async(self, request: CloudRequest, timeout_s: float) -> CloudReply:
+        return await _run_cancellable(self._call, request, timeout_s)
+
+    def _call(self, request: CloudRequest, timeout_s: float, cancellation: _Cancellation) -> CloudReply:
+        deadline = time.monotonic() + _check_timeout(timeout_s)
+
+        def should_stop() -> bool:
+            return cancellation.is_set() or time.monotonic() >= deadline
+
+        try:
+            received = wire.request_from_proto(wire.request_to_proto(request, self.index_encoding))
+            if not self._turn.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                raise RequestError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed waiting for the engine"
+                )
+            try:
+                if should_stop():
+                    raise RequestError(grpc.StatusCode.CANCELLED, "stopped before generation")
+                reply = self.engine.answer(received, should_stop)
+            finally:
+                self._turn.release()
+        except RequestError as error:
+            code = error.code
+            if code == grpc.StatusCode.CANCELLED and not cancellation.is_set():
+                code = grpc.StatusCode.DEADLINE_EXCEEDED  # stopped by the deadline, as the server says
+            raise CloudError(code, error.message) from error
+        return wire.reply_from_proto(wire.reply_to_proto(reply))
+
+
+def connect_cloud(spec: object, **grpc_options: object) -> CloudClient | None:
+    """A client for ``spec``: None -> None (edge only); a ``CloudClient`` -> itself;
+    a string -> ``GrpcCloudClient(spec, **grpc_options)``; an object with
+    ``answer(request, should_stop)`` (a ``CloudEngine``) -> ``InProcessCloudClient``.
+    Raises ``TypeError`` for anything else."""
+    if spec is None or isinstance(spec, CloudClient):
+        return spec
+    if isinstance(spec, str):
+        return GrpcCloudClient(spec, **grpc_options)
+    if callable(getattr(spec, "answer", None)):
+        return InProcessCloudClient(spec)
+    raise TypeError(f"cannot reach a cloud through {type(spec).__name__}; expected 'host:port' or an engine")
