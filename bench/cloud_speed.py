@@ -18,10 +18,10 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
+from presets import PRESETS, BenchPreset  # bench/presets.py: the shapes every speed benchmark shares
 from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen2Config
 
 from stitchvlm.cloud.checkpoints import build_tokenizer
@@ -31,39 +31,6 @@ from stitchvlm.shared.preprocess import preprocess_image
 from stitchvlm.shared.scoring import top_r_indices
 
 RETENTIONS = (1.0, 0.64, 0.35, 0.09)
-
-
-@dataclass(frozen=True)
-class BenchPreset:
-    """Model shape of one benchmark run (random weights)."""
-
-    vision_hidden: int  # ViT width
-    vision_layers: int  # ViT depth
-    vision_heads: int  # ViT heads
-    tile: int  # tile side in px (ViT input)
-    patch: int  # ViT patch side
-    text_hidden: int  # LLM width
-    text_layers: int  # LLM depth
-    text_heads: int  # LLM query heads
-    text_kv_heads: int  # LLM key/value heads
-    text_intermediate: int  # LLM MLP width
-    vocab: int  # LLM vocabulary (LM head cost)
-    image_size: tuple[int, int]  # benchmark image (width, height); decides the tile grid
-    max_tiles: int  # most grid tiles
-
-    @classmethod
-    def from_name(cls, name: str) -> BenchPreset:
-        return PRESETS[name]
-
-
-PRESETS = {
-    # CPU-sized: 224-px tiles of 64 tokens, 6 tiles + thumbnail = 448 visual tokens
-    "quick": BenchPreset(64, 2, 4, 224, 14, 256, 8, 8, 2, 768, 1000, (672, 448), 6),
-    # InternVL3-8B: InternViT-300M + Qwen2.5-7B, 448-px tiles of 256 tokens, 3x2 grid + thumbnail
-    "internvl3-8b": BenchPreset(1024, 24, 16, 448, 14, 3584, 28, 28, 4, 18944, 151674, (1344, 896), 6),
-    # InternVL3-1B's LLM (Qwen2.5-0.5B) behind the same ViT
-    "internvl3-1b": BenchPreset(1024, 24, 16, 448, 14, 896, 24, 14, 2, 4864, 151674, (1344, 896), 6),
-}
 
 
 def build_model(preset: BenchPreset, image_token_id: int, device: str, dtype: torch.dtype):

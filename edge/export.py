@@ -5,7 +5,11 @@ Writes, into ``--out``:
 - ``vision.onnx``: pixel_values [tiles, 3, t, t] float32 -> image_embeds
   [tiles * tokens_per_tile, hidden] (``InternVLModel.get_image_features``);
 - ``decoder.onnx``: one text-decoder pass with KV cache that also returns the
-  pass's visual-token score (``export_modules.ScoringDecoder``);
+  pass's visual-token score (``export_modules.ScoringDecoder``), with logits
+  for the last ``num_logits`` positions only (an input: 1 for generation, the
+  answer length for the consistency pass). ``--no-scores`` exports the same
+  decoder without the score (``UnscoredDecoder``), for benchmarks only: the
+  runtime refuses it;
 - ``embed_tokens.npy``: the token embedding matrix [vocab, hidden]. A plain
   array, not a third graph: the lookup is one numpy gather, the runtime needs
   single rows for each decode step and arbitrary rows for the consistency pass,
@@ -16,8 +20,10 @@ Writes, into ``--out``:
 - ``stitch_edge.json`` (``sidecar.EdgeSidecar``).
 
 Then it verifies the graphs against the PyTorch model on one sample (a
-prefill and two decode steps) and fails when a difference exceeds the dtype's
-tolerance (``TOLERANCES``).
+prefill with all logits, one with the last position's, and two decode steps)
+and fails when a difference exceeds the dtype's tolerance (``TOLERANCES``).
+A ``--no-scores`` export is not verified: the runtime that verification runs
+refuses it (the tests compare it with the scored graph instead).
 
 Exporter: the TorchScript exporter (``torch.onnx.export(dynamo=False)``). The
 dynamo exporter also produces working graphs with these dynamic axes but needs
@@ -55,7 +61,7 @@ from transformers import InternVLForConditionalGeneration
 from stitchvlm.shared.model_files import ModelFiles
 from stitchvlm.shared.prompt import build_prompt
 
-from .export_modules import ScoringDecoder, VisionEncoder, check_supported
+from .export_modules import ScoringDecoder, UnscoredDecoder, VisionEncoder, check_supported
 from .runtime import CPU, EdgeModel
 from .sidecar import DTYPES, DecoderDims, EdgeSidecar, GraphIO, TokenIds
 
@@ -115,8 +121,14 @@ class ExportConfig:
     out_dir: Path  # export directory to write (created; existing graph files are replaced)
     dtype: str = "fp32"  # "fp32" or "fp16"
     opset: int = DEFAULT_OPSET  # ONNX opset of both graphs
-    verify: bool = True  # compare ORT with PyTorch after exporting
+    verify: bool = True  # compare ORT with PyTorch after exporting (skipped when with_scores is False)
     model_id: str | None = None  # name in the sidecar; the checkpoint directory's name when None
+    # False: the decoder without the visual-score output, to measure what the score costs.
+    # For benchmarks only: the runtime (and so the gate) cannot use such an export.
+    with_scores: bool = True
+    # torch device the model is traced on. The tracer runs the model once; CPUs without fp16
+    # matmul run an fp16 ViT-300M trace at ~0.5 GFLOP/s (tens of minutes), a GPU in seconds.
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -126,22 +138,25 @@ class ExportConfig:
 
 
 def progress(message: str) -> None:
-    print(f"[stitch-export] {message}", flush=True)
+    print(f"[stitch-export] {message}", file=sys.stderr, flush=True)
 
 
-def load_model(model_dir: str | Path, dtype: str = "fp32") -> InternVLForConditionalGeneration:
-    """The checkpoint in ``dtype`` with eager attention (its probabilities are the score's reference)."""
+def load_model(
+    model_dir: str | Path, dtype: str = "fp32", device: str = "cpu"
+) -> InternVLForConditionalGeneration:
+    """The checkpoint in ``dtype`` on ``device``, eager attention (its probabilities: the score's reference)."""
     model = InternVLForConditionalGeneration.from_pretrained(
         str(model_dir), dtype=TORCH_DTYPES[dtype], attn_implementation="eager"
     )
     check_supported(model)
-    return model.eval()
+    return model.to(device).eval()
 
 
 def export_vision(model: InternVLForConditionalGeneration, path: Path, opset: int, io: GraphIO) -> None:
     """vision.onnx with a dynamic tile count."""
     tile = model.config.vision_config.image_size[0]
-    pixel_values = torch.randn(2, 3, tile, tile)  # float32 in: the graph casts, as get_image_features does
+    # float32 in: the graph casts, as get_image_features does
+    pixel_values = torch.randn(2, 3, tile, tile, device=model.device)
     _trace_to_onnx(
         VisionEncoder(model),
         (pixel_values,),
@@ -153,19 +168,24 @@ def export_vision(model: InternVLForConditionalGeneration, path: Path, opset: in
     )
 
 
-def export_decoder(model: InternVLForConditionalGeneration, path: Path, opset: int, io: GraphIO) -> None:
-    """decoder.onnx with dynamic batch, sequence and past lengths."""
+def export_decoder(
+    model: InternVLForConditionalGeneration, path: Path, opset: int, io: GraphIO, with_scores: bool = True
+) -> None:
+    """decoder.onnx with dynamic batch, sequence, past and logit-row counts."""
     dims = decoder_dims(model)
-    dtype = model.dtype
-    # Traced with batch 2 so that nothing specialises on a batch of one; seq != past.
-    batch, seq, past = 2, 3, 4
+    dtype, device = model.dtype, model.device
+    # Traced with batch 2 so that nothing specialises on a batch of one; seq != past, and
+    # num_logits neither 1 nor seq, so no slice is frozen at either end.
+    batch, seq, past, num_logits = 2, 3, 4, 2
+    scored = (torch.ones(batch, seq, device=device),) if with_scores else ()  # score_query_mask
     example = (
-        torch.randn(batch, seq, dims.hidden_size, dtype=dtype),  # inputs_embeds
-        torch.arange(past, past + seq).expand(batch, seq),  # position_ids
-        torch.ones(batch, past + seq, dtype=torch.int64),  # attention_mask
-        torch.ones(batch, seq),  # score_query_mask
+        torch.randn(batch, seq, dims.hidden_size, dtype=dtype, device=device),  # inputs_embeds
+        torch.arange(past, past + seq, device=device).expand(batch, seq),  # position_ids
+        torch.ones(batch, past + seq, dtype=torch.int64, device=device),  # attention_mask
+        *scored,
+        torch.tensor(num_logits, dtype=torch.int64, device=device),  # num_logits: 0-d, a graph input
         *[
-            torch.randn(batch, dims.num_kv_heads, past, dims.head_dim, dtype=dtype)
+            torch.randn(batch, dims.num_kv_heads, past, dims.head_dim, dtype=dtype, device=device)
             for _ in range(2 * dims.num_layers)
         ],
     )
@@ -173,19 +193,19 @@ def export_decoder(model: InternVLForConditionalGeneration, path: Path, opset: i
         io.inputs_embeds: {0: "batch", 1: "seq"},
         io.position_ids: {0: "batch", 1: "seq"},
         io.attention_mask: {0: "batch", 1: "total"},
-        io.score_query_mask: {0: "batch", 1: "seq"},
-        io.logits: {0: "batch", 1: "seq"},
-        io.visual_scores: {0: "batch", 1: "total"},
+        io.logits: {0: "batch", 1: "logit_rows"},
     }
+    if with_scores:
+        axes |= {io.score_query_mask: {0: "batch", 1: "seq"}, io.visual_scores: {0: "batch", 1: "total"}}
     axes |= {name: {0: "batch", 2: "past"} for name in io.past_names(dims.num_layers)}
     axes |= {name: {0: "batch", 2: "total"} for name in io.present_names(dims.num_layers)}
     _trace_to_onnx(
-        ScoringDecoder(model),
+        ScoringDecoder(model) if with_scores else UnscoredDecoder(model),
         example,
         path,
         opset,
-        input_names=io.decoder_inputs(dims.num_layers),
-        output_names=io.decoder_outputs(dims.num_layers),
+        input_names=io.decoder_inputs(dims.num_layers, with_scores),
+        output_names=io.decoder_outputs(dims.num_layers, with_scores),
         dynamic_axes=axes,
     )
 
@@ -266,7 +286,12 @@ def copy_checkpoint_files(model_dir: Path, out_dir: Path) -> list[str]:
 
 
 def build_sidecar(
-    model: InternVLForConditionalGeneration, files: ModelFiles, dtype: str, opset: int, model_id: str
+    model: InternVLForConditionalGeneration,
+    files: ModelFiles,
+    dtype: str,
+    opset: int,
+    model_id: str,
+    with_scores: bool = True,
 ) -> EdgeSidecar:
     if files.image_context_id != model.config.image_token_id:
         raise ValueError("tokenizer and config.json disagree on the image token id")
@@ -282,6 +307,7 @@ def build_sidecar(
         tiling=files.tiling,
         tokens_per_tile=files.tiling.tokens_per_tile,
         opset=opset,
+        with_scores=with_scores,
     )
 
 
@@ -291,14 +317,14 @@ def export_edge(config: ExportConfig) -> EdgeSidecar:
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     progress(f"loading {config.model_dir} ({config.dtype})")
-    model = load_model(config.model_dir, config.dtype)
+    model = load_model(config.model_dir, config.dtype, config.device)
     io = GraphIO()
 
     progress("copying tokenizer and config files")
     copy_checkpoint_files(Path(config.model_dir), out)
     files = ModelFiles.load(out)
     model_id = config.model_id or Path(config.model_dir).resolve().name
-    sidecar = build_sidecar(model, files, config.dtype, config.opset, model_id)
+    sidecar = build_sidecar(model, files, config.dtype, config.opset, model_id, config.with_scores)
     if sidecar.tiling.tile_size != model.config.vision_config.image_size[0]:
         raise ValueError(
             f"preprocessor tile size {sidecar.tiling.tile_size} is not the ViT's "
@@ -307,15 +333,17 @@ def export_edge(config: ExportConfig) -> EdgeSidecar:
 
     progress(f"exporting {sidecar.graphs.vision}")
     export_vision(model, out / sidecar.graphs.vision, config.opset, io)
-    progress(f"exporting {sidecar.graphs.decoder}")
-    export_decoder(model, out / sidecar.graphs.decoder, config.opset, io)
+    progress(f"exporting {sidecar.graphs.decoder}" + ("" if config.with_scores else " without scores"))
+    export_decoder(model, out / sidecar.graphs.decoder, config.opset, io, config.with_scores)
     progress(f"saving {sidecar.graphs.embeddings}")
     save_embeddings(model, out / sidecar.graphs.embeddings)
     sidecar.save(out)
     del model
 
-    if config.verify:
-        progress("verifying ONNX Runtime against PyTorch (prefill + 2 decode steps)")
+    if config.verify and not config.with_scores:
+        progress("not verified: the runtime cannot run an export without scores")
+    elif config.verify:
+        progress("verifying ONNX Runtime against PyTorch (2 prefills + 2 decode steps)")
         report = verify_export(config.model_dir, out, config.dtype)
         for line in report.lines():
             progress(f"  {line}")
@@ -332,8 +360,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="export directory to write")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    parser.add_argument("--device", default="cpu", help="torch device to trace on (cuda: fast fp16 exports)")
     parser.add_argument("--model-id", default=None, help="name in the sidecar (default: checkpoint dir name)")
     parser.add_argument("--no-verify", action="store_true", help="skip the ORT vs PyTorch check")
+    parser.add_argument(
+        "--no-scores",
+        action="store_true",
+        help="benchmarking only: a decoder without the visual-score output (the runtime refuses it)",
+    )
     args = parser.parse_args(argv)
     try:
         config = ExportConfig(
@@ -343,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
             opset=args.opset,
             verify=not args.no_verify,
             model_id=args.model_id,
+            with_scores=not args.no_scores,
+            device=args.device,
         )
         export_edge(config)
     except (ValueError, FileNotFoundError) as error:
@@ -473,7 +509,11 @@ def verify_export(model_dir: str | Path, edge_dir: str | Path, dtype: str, seed:
     embeds[visual] = image_embeds
     length = len(prompt.input_ids)
     query_mask = (np.arange(length) >= prompt.visual_end).astype(np.float32)
-    step = edge.decode(embeds[None], np.arange(length)[None], query_mask[None], edge.empty_cache())
+    prefill = (embeds[None], np.arange(length)[None], query_mask[None])
+    step = edge.decode(*prefill, edge.empty_cache(), num_logits=length)
+    # what generation runs: the head on the last position only
+    last = edge.decode(*prefill, edge.empty_cache(), num_logits=1)
+    checks.append(_check("prefill last logits", last.logits[0], passes[0].logits[-1:], tol.logits))
     steps = [step]
     for index, token in enumerate(fed):
         feed = edge.embed(np.array([token]))[None]

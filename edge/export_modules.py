@@ -13,6 +13,8 @@ embedding and ``lm_head``) and the library's own RoPE helpers; only the
 attention itself is written out, so that its probabilities can be summed in the
 graph without ever leaving it as a per-layer output.
 
+``UnscoredDecoder`` is the same graph without the score, for benchmarks only.
+
 ``VisionEncoder`` is ``InternVLModel.get_image_features`` (vision tower, pixel
 shuffle, projector) flattened to one row per visual token.
 
@@ -96,13 +98,42 @@ def scored_self_attention(
     return attn.o_proj(context), key, value, probs
 
 
+def scored_attention(probs: torch.Tensor, query_weight: torch.Tensor) -> torch.Tensor:
+    """One layer's attention on each key, summed over heads and weighted queries.
+
+    Heads are summed first and the queries by a matmul, rather than ``(probs *
+    weight).sum``: that product would write a second tensor the size of
+    ``probs`` (heads x S x P+S) in every layer of a prefill.
+    """
+    # probs: [B, H, S, P+S] float32; query_weight: [B, 1, S] float32 -> [B, P+S]
+    return torch.matmul(query_weight, probs.sum(dim=1)).squeeze(1)
+
+
+def last_positions(hidden: torch.Tensor, num_logits: torch.Tensor) -> torch.Tensor:
+    """The last ``num_logits`` positions of ``hidden``, so the head runs on them alone.
+
+    A gather over ``arange`` rather than a Python slice: the tracer would freeze
+    ``hidden[:, -n:]`` at the traced ``n``, the gather keeps it a graph input.
+    The caller keeps ``1 <= num_logits <= seq`` (the runtime checks it).
+    """
+    # hidden: [B, S, D]; num_logits: [] int64
+    seq_len = hidden.shape[1]
+    index = torch.arange(num_logits, device=hidden.device) + (seq_len - num_logits)  # [n]
+    return hidden.index_select(1, index)  # [B, n, D]
+
+
 class ScoringDecoder(nn.Module):
     """Text model + lm_head with an explicit KV cache and the in-graph visual score.
 
     forward(inputs_embeds [B, S, D], position_ids [B, S] int64, attention_mask
-    [B, P+S] int64, score_query_mask [B, S] float32, past_key_0, past_value_0,
-    ... [B, kv_heads, P, hd]) -> (logits [B, S, vocab], visual_scores [B, P+S]
+    [B, P+S] int64, score_query_mask [B, S] float32, num_logits [] int64,
+    past_key_0, past_value_0, ... [B, kv_heads, P, hd]) -> (logits [B, n, vocab]
+    float32 for the last n = num_logits positions, visual_scores [B, P+S]
     float32, present_key_0, present_value_0, ... [B, kv_heads, P+S, hd]).
+
+    The final norm and lm_head run on the last ``num_logits`` positions only: a
+    prefill needs one row of logits, not ``S`` (at a 151k vocabulary, 1800
+    prompt tokens would be ~1 GB of float32 logits).
     """
 
     def __init__(self, model: InternVLForConditionalGeneration) -> None:
@@ -120,13 +151,31 @@ class ScoringDecoder(nn.Module):
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         score_query_mask: torch.Tensor,
+        num_logits: torch.Tensor,
         *past: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
+        logits, visual_scores, presents = self.run_layers(
+            inputs_embeds, position_ids, attention_mask, score_query_mask, num_logits, past
+        )
+        return (logits, visual_scores, *presents)
+
+    def run_layers(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        score_query_mask: torch.Tensor | None,
+        num_logits: torch.Tensor,
+        past: tuple[torch.Tensor, ...],
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+        """(logits, visual_scores or None when ``score_query_mask`` is None, presents)."""
         cos, sin = self.rotary_emb(inputs_embeds, position_ids)  # [B, S, hd] each
         bias = attention_bias(attention_mask, inputs_embeds.shape[1], torch.float32)  # [B, 1, S, P+S]
-        query_weight = score_query_mask.float()[:, None, :, None]  # [B, 1, S, 1]
         hidden = inputs_embeds
-        visual_scores = torch.zeros(attention_mask.shape, dtype=torch.float32, device=hidden.device)
+        visual_scores = None
+        if score_query_mask is not None:
+            query_weight = score_query_mask.float()[:, None, :]  # [B, 1, S]
+            visual_scores = torch.zeros(attention_mask.shape, dtype=torch.float32, device=hidden.device)
         presents: list[torch.Tensor] = []
         for index, layer in enumerate(self.layers):
             attn_out, key, value, probs = scored_self_attention(
@@ -138,14 +187,38 @@ class ScoringDecoder(nn.Module):
                 past[2 * index],
                 past[2 * index + 1],
             )
-            # sum over heads and weighted queries: [B, H, S, P+S] -> [B, P+S]
-            visual_scores = visual_scores + (probs * query_weight).sum(dim=(1, 2))
+            if visual_scores is not None:
+                visual_scores = visual_scores + scored_attention(probs, query_weight)  # [B, P+S]
             hidden = hidden + attn_out
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
             presents += [key, value]
         # float32 logits whatever the weights' dtype: the runtime's softmax wants them wide anyway.
-        logits = self.lm_head(self.norm(hidden)).float()  # [B, S, vocab]
-        return (logits, visual_scores, *presents)
+        logits = self.lm_head(self.norm(last_positions(hidden, num_logits))).float()  # [B, n, vocab]
+        return logits, visual_scores, presents
+
+
+class UnscoredDecoder(ScoringDecoder):
+    """``ScoringDecoder`` without the score: for measuring what the score costs, not for serving.
+
+    forward(inputs_embeds, position_ids, attention_mask, num_logits, past_key_0,
+    ...) -> (logits, present_key_0, ...): no ``score_query_mask`` input, no
+    ``visual_scores`` output, no score sum in the graph. The attention is the
+    same explicit softmax, so the difference to ``ScoringDecoder`` is the score
+    alone (not the fused attention kernel a graph without scores could use).
+    """
+
+    def forward(  # type: ignore[override]
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        num_logits: torch.Tensor,
+        *past: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        logits, _, presents = self.run_layers(
+            inputs_embeds, position_ids, attention_mask, None, num_logits, past
+        )
+        return (logits, *presents)
 
 
 class VisionEncoder(nn.Module):

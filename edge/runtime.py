@@ -11,6 +11,9 @@ one question about one image:
 
 Every decoder pass also returns its visual-token score (summed inside the
 graph, DESIGN "Visual-token score"); ``generate`` adds them up into ``A``.
+The decoder computes logits only for the last ``num_logits`` positions:
+generation asks for one row per pass, the consistency pass for one per answer
+token, never for the whole prompt.
 ``teacher_forced_probs`` is the SEE consistency pass: the prompt with only some
 visual tokens kept, original position ids, and the answer teacher-forced.
 
@@ -70,7 +73,7 @@ class EdgeGeneration:
 class DecoderStep:
     """What one decoder pass returns."""
 
-    logits: np.ndarray  # [batch, seq, vocab] float32
+    logits: np.ndarray  # [batch, num_logits, vocab] float32: the last num_logits positions
     visual_scores: np.ndarray  # [batch, past + seq] float32: this pass's score of every key position
     cache: list[ort.OrtValue]  # present key/value per layer, on the session's device
 
@@ -101,14 +104,26 @@ class EdgeModel:
         _check_graph_io(vision, [io.pixel_values], [io.image_embeds], "vision")
 
     @classmethod
-    def load(cls, edge_dir: str | Path, providers: list[str] | None = None) -> EdgeModel:
+    def load(
+        cls,
+        edge_dir: str | Path,
+        providers: list[str] | None = None,
+        session_options: ort.SessionOptions | None = None,
+    ) -> EdgeModel:
         """Open an export directory; CUDA when ORT can use it, else CPU, unless ``providers`` says.
 
+        ``session_options`` (threads, graph optimisation level) apply to both graphs.
         Raises ``FileNotFoundError``/``ValueError`` for a directory that is not a
-        complete export or whose copied configs disagree with its sidecar.
+        complete export, a ``--no-scores`` export, or one whose copied configs
+        disagree with its sidecar.
         """
         root = Path(edge_dir)
         sidecar = EdgeSidecar.load(root)
+        if not sidecar.with_scores:
+            raise ValueError(
+                f"{root} has no visual scores (stitch-export --no-scores, for benchmarks only); "
+                "the edge runtime needs them: export again without --no-scores"
+            )
         files = ModelFiles.load(root)
         _check_consistent(sidecar, files)
         embeddings = np.load(root / sidecar.graphs.embeddings, mmap_mode="r")
@@ -120,9 +135,13 @@ class EdgeModel:
             )
         if providers is None:
             providers = [CUDA, CPU] if CUDA in ort.get_available_providers() else [CPU]
-        decoder = ort.InferenceSession(str(root / sidecar.graphs.decoder), providers=providers)
+        decoder = ort.InferenceSession(
+            str(root / sidecar.graphs.decoder), sess_options=session_options, providers=providers
+        )
         # The vision graph follows the providers the decoder really got (one CUDA probe, one warning).
-        vision = ort.InferenceSession(str(root / sidecar.graphs.vision), providers=decoder.get_providers())
+        vision = ort.InferenceSession(
+            str(root / sidecar.graphs.vision), sess_options=session_options, providers=decoder.get_providers()
+        )
         return cls(sidecar, files, embeddings, vision, decoder)
 
     # ----------------------------------------------------------------- graph calls
@@ -155,16 +174,23 @@ class EdgeModel:
         score_query_mask: np.ndarray,
         cache: list[ort.OrtValue],
         attention_mask: np.ndarray | None = None,
+        num_logits: int | None = None,
     ) -> DecoderStep:
         """One decoder pass over ``seq`` new positions after the ``past`` ones in ``cache``.
 
         inputs_embeds [batch, seq, hidden], position_ids [batch, seq] int64,
         score_query_mask [batch, seq] (1 = this query's attention counts in the
-        score), attention_mask [batch, past + seq] int64 (all ones when None).
+        score), attention_mask [batch, past + seq] int64 (all ones when None),
+        num_logits: logits for the last n positions only, 1 <= n <= seq (all
+        ``seq`` when None). The visual scores and the cache cover every position.
         """
         io = self.sidecar.io
         batch, seq = position_ids.shape
         past = cache[0].shape()[2]
+        num_logits = seq if num_logits is None else int(num_logits)
+        if not 1 <= num_logits <= seq:
+            # the graph would gather wrapped-around rows for n > seq
+            raise ValueError(f"num_logits must be in 1..{seq}, got {num_logits}")
         if attention_mask is None:
             attention_mask = np.ones((batch, past + seq), dtype=np.int64)
         binding = self.decoder.io_binding()
@@ -172,6 +198,7 @@ class EdgeModel:
         binding.bind_cpu_input(io.position_ids, np.ascontiguousarray(position_ids, dtype=np.int64))
         binding.bind_cpu_input(io.attention_mask, np.ascontiguousarray(attention_mask, dtype=np.int64))
         binding.bind_cpu_input(io.score_query_mask, np.ascontiguousarray(score_query_mask, dtype=np.float32))
+        binding.bind_cpu_input(io.num_logits, np.array(num_logits, dtype=np.int64))
         for name, value in zip(self._past_names, cache, strict=True):
             binding.bind_ortvalue_input(name, value)
         # Logits and scores come back to the host every pass; the cache stays where the session runs.
@@ -185,11 +212,18 @@ class EdgeModel:
 
     # ----------------------------------------------------------------- generation
 
-    def generate(self, image: Image.Image | bytes, question: str, max_new_tokens: int = 32) -> EdgeGeneration:
+    def generate(
+        self,
+        image: Image.Image | bytes,
+        question: str,
+        max_new_tokens: int = 32,
+        ignore_eos: bool = False,
+    ) -> EdgeGeneration:
         """Greedy answer to ``question`` about ``image`` with per-token probabilities and scores A.
 
         Stops after an EOS id (kept in ``token_ids``) or ``max_new_tokens``
-        tokens, or when the context is full. Raises ``ValueError`` when the
+        tokens, or when the context is full. ``ignore_eos`` (benchmarks: a fixed
+        number of tokens) keeps generating past EOS ids. Raises ``ValueError`` when the
         prompt alone does not fit the context, ``RequestError`` for image bytes
         that do not decode.
         """
@@ -216,13 +250,15 @@ class EdgeModel:
         # before the image would add nothing anyway: causality keeps them from seeing any
         # visual token after them, and a visual token's own queries are not scored.
         query_mask = (np.arange(prompt_len) >= prompt.visual_end).astype(np.float32)  # [S]
-        step = self.decode(embeds[None], np.arange(prompt_len)[None], query_mask[None], self.empty_cache())
+        step = self.decode(
+            embeds[None], np.arange(prompt_len)[None], query_mask[None], self.empty_cache(), num_logits=1
+        )
         visual_scores = step.visual_scores[0, prompt.visual_start : prompt.visual_end].astype(np.float64)
         token, prob = _greedy(step.logits[0, -1])
         tokens, probs = [token], [prob]
         prefilled = time.perf_counter()
 
-        eos = set(self.files.eos_token_ids)
+        eos = set() if ignore_eos else set(self.files.eos_token_ids)
         while tokens[-1] not in eos and len(tokens) < budget:
             position = prompt_len + len(tokens) - 1  # the fed token's position
             step = self.decode(
@@ -230,6 +266,7 @@ class EdgeModel:
                 np.array([[position]]),
                 np.ones((1, 1), dtype=np.float32),
                 step.cache,
+                num_logits=1,
             )
             visual_scores += step.visual_scores[0, prompt.visual_start : prompt.visual_end]
             token, prob = _greedy(step.logits[0, -1])
@@ -290,9 +327,11 @@ class EdgeModel:
             ]
         )  # [S', hidden]
         no_score = np.zeros((1, len(position_ids)), dtype=np.float32)  # the score of this pass is not used
-        step = self.decode(embeds[None], position_ids[None], no_score, self.empty_cache())
+        step = self.decode(
+            embeds[None], position_ids[None], no_score, self.empty_cache(), num_logits=answer.size
+        )
         # The last prompt position predicts answer[0], answer position j predicts answer[j + 1].
-        logits = step.logits[0, -answer.size :]  # [N, vocab]
+        logits = step.logits[0]  # [N, vocab]
         probs = _softmax64(logits)  # [N, vocab]
         return probs[np.arange(answer.size), answer]
 

@@ -21,7 +21,8 @@ from stitchvlm.shared.layout import TilingConfig
 
 SIDECAR_NAME = "stitch_edge.json"
 # Bump when a field changes meaning; the runtime refuses other versions.
-FORMAT_VERSION = 1
+# 2: decoder input num_logits (logits of the last n positions only) and with_scores.
+FORMAT_VERSION = 2
 # Export dtypes and the numpy dtype of the tensors the graphs exchange in that dtype.
 DTYPES = {"fp32": "float32", "fp16": "float16"}
 
@@ -69,9 +70,10 @@ class GraphIO:
     score_query_mask: str = (
         "score_query_mask"  # decoder in: [batch, seq] float32, 1 = query counts in the score
     )
+    num_logits: str = "num_logits"  # decoder in: [] int64, logits for the last n positions only
     past_key: str = "past_key_{i}"  # decoder in: [batch, kv_heads, past, head_dim] export dtype
     past_value: str = "past_value_{i}"
-    logits: str = "logits"  # decoder out: [batch, seq, vocab] float32
+    logits: str = "logits"  # decoder out: [batch, num_logits, vocab] float32, the last positions
     visual_scores: str = "visual_scores"  # decoder out: [batch, past + seq] float32, this pass's score
     present_key: str = "present_key_{i}"  # decoder out: [batch, kv_heads, past + seq, head_dim] export dtype
     present_value: str = "present_value_{i}"
@@ -86,12 +88,16 @@ class GraphIO:
             name.format(i=i) for i in range(num_layers) for name in (self.present_key, self.present_value)
         ]
 
-    def decoder_inputs(self, num_layers: int) -> list[str]:
-        fixed = [self.inputs_embeds, self.position_ids, self.attention_mask, self.score_query_mask]
+    def decoder_inputs(self, num_layers: int, with_scores: bool = True) -> list[str]:
+        """The decoder's inputs in order; a graph without scores has no score_query_mask."""
+        scored = [self.score_query_mask] if with_scores else []
+        fixed = [self.inputs_embeds, self.position_ids, self.attention_mask, *scored, self.num_logits]
         return fixed + self.past_names(num_layers)
 
-    def decoder_outputs(self, num_layers: int) -> list[str]:
-        return [self.logits, self.visual_scores, *self.present_names(num_layers)]
+    def decoder_outputs(self, num_layers: int, with_scores: bool = True) -> list[str]:
+        """The decoder's outputs in order; a graph without scores has no visual_scores."""
+        scored = [self.visual_scores] if with_scores else []
+        return [self.logits, *scored, *self.present_names(num_layers)]
 
 
 @dataclass(frozen=True)
@@ -107,11 +113,15 @@ class EdgeSidecar:
     graphs: GraphFiles = field(default_factory=GraphFiles)
     io: GraphIO = field(default_factory=GraphIO)
     opset: int = 17  # ONNX opset of both graphs
+    # False only for a ``--no-scores`` export (benchmarks): its decoder has no score I/O.
+    with_scores: bool = True
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if not isinstance(self.with_scores, bool):
+            raise ValueError(f"with_scores must be a JSON boolean, got {self.with_scores!r}")
         if self.tokens_per_tile != self.tiling.tokens_per_tile:
             raise ValueError(
                 f"tokens_per_tile {self.tokens_per_tile} disagrees with tiling.tokens_per_tile "
@@ -156,6 +166,7 @@ class EdgeSidecar:
             graphs=_build(GraphFiles, data["graphs"]),
             io=_build(GraphIO, data["io"]),
             opset=data["opset"],
+            with_scores=data["with_scores"],
             format_version=version,
         )
 

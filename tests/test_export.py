@@ -137,6 +137,82 @@ def test_decoder_matches_pytorch_on_prefill_and_decode(edge, reference, size_see
             np.testing.assert_allclose(value.numpy()[0], expected, rtol=0, atol=kv_bound.bound(expected))
 
 
+def _prefill_inputs(edge: EdgeModel, size_seed, question, make_image):
+    """(inputs_embeds [1, S, D], position_ids [1, S], score_query_mask [1, S]) of one sample."""
+    pixel_values, prompt = _sample(edge, size_seed, question, make_image)
+    embeds = edge.embed(prompt.input_ids)
+    embeds[prompt.visual_start : prompt.visual_end] = edge.encode_image(pixel_values)
+    length = len(prompt.input_ids)
+    query_mask = (np.arange(length) >= prompt.visual_end).astype(np.float32)
+    return embeds[None], np.arange(length)[None], query_mask[None]
+
+
+def test_num_logits_gives_the_last_rows_of_the_full_logits(edge, image_factory):
+    """Guards against the head running on the wrong rows (first instead of last, off by one), a row
+    count frozen at its traced value, or num_logits changing the KV cache or the scores."""
+    prefill = _prefill_inputs(edge, *SAMPLES[1], image_factory)
+    length = prefill[1].shape[1]
+    full = edge.decode(*prefill, edge.empty_cache())
+    assert full.logits.shape[1] == length
+    for rows in (1, 2, 7, length):
+        part = edge.decode(*prefill, edge.empty_cache(), num_logits=rows)
+        assert part.logits.shape == (1, rows, edge.sidecar.dims.vocab_size)
+        np.testing.assert_allclose(part.logits, full.logits[:, -rows:], rtol=0, atol=1e-5)
+        np.testing.assert_array_equal(part.visual_scores, full.visual_scores)
+        for ours, reference in zip(part.cache, full.cache, strict=True):
+            np.testing.assert_array_equal(ours.numpy(), reference.numpy())
+    # a decode step on the cache: one row
+    token = edge.embed([int(full.logits[0, -1].argmax())])[None]
+    step = edge.decode(token, np.array([[length]]), np.ones((1, 1), np.float32), full.cache, num_logits=1)
+    assert step.logits.shape == (1, 1, edge.sidecar.dims.vocab_size)
+    for bad in (0, length + 1):
+        with pytest.raises(ValueError, match="num_logits"):
+            edge.decode(*prefill, edge.empty_cache(), num_logits=bad)
+
+
+def test_no_scores_export_is_the_same_decoder_without_the_score(
+    edge, edge_dir, sharp_checkpoint, tmp_path, image_factory
+):
+    """Guards against the --no-scores benchmark graph being another model than the served one (its
+    logits and KV must equal the scored graph's), still computing or exposing the score, or being
+    accepted by the runtime, which needs the score."""
+    import onnxruntime
+
+    out = tmp_path / "no-scores"
+    assert main(["--model", str(sharp_checkpoint), "--out", str(out), "--no-scores"]) == 0
+    sidecar = EdgeSidecar.load(out)
+    assert not sidecar.with_scores
+    graph = onnx.load(str(out / sidecar.graphs.decoder))
+    layers = sidecar.dims.num_layers
+    inputs = [i.name for i in graph.graph.input]
+    outputs = [o.name for o in graph.graph.output]
+    assert inputs == sidecar.io.decoder_inputs(layers, with_scores=False)
+    assert outputs == sidecar.io.decoder_outputs(layers, with_scores=False)
+    assert "score_query_mask" not in inputs and "visual_scores" not in outputs
+    # the score's one sum over heads and queries per layer is gone, nothing else is
+    scored_graph = onnx.load(str(edge_dir / sidecar.graphs.decoder))
+    reduce_sums = [sum(n.op_type == "ReduceSum" for n in g.graph.node) for g in (scored_graph, graph)]
+    assert reduce_sums[0] - reduce_sums[1] == layers
+    with pytest.raises(ValueError, match="no visual scores"):
+        EdgeModel.load(out, providers=[CPU])
+
+    embeds, positions, query_mask = _prefill_inputs(edge, *SAMPLES[0], image_factory)
+    scored = edge.decode(embeds, positions, query_mask, edge.empty_cache(), num_logits=3)
+    session = onnxruntime.InferenceSession(str(out / sidecar.graphs.decoder), providers=[CPU])
+    feed = {
+        "inputs_embeds": embeds,
+        "position_ids": positions,
+        "attention_mask": np.ones_like(positions),
+        "num_logits": np.array(3, dtype=np.int64),
+    }
+    empty = edge.empty_cache()
+    feed |= {name: value.numpy() for name, value in zip(sidecar.io.past_names(layers), empty, strict=True)}
+    logits, *presents = session.run(None, feed)
+    np.testing.assert_allclose(logits, scored.logits, rtol=0, atol=1e-6)
+    for ours, reference in zip(presents, scored.cache, strict=True):
+        np.testing.assert_allclose(ours, reference.numpy(), rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("tiles", [1, 5])
 def test_vision_graph_matches_get_image_features(edge, reference, tiles):
     """Guards against a wrong pixel shuffle / projector, a frozen tile axis, or a position-embedding
@@ -179,7 +255,7 @@ def test_graphs_expose_only_logits_presents_and_scores(edge_dir):
     ]
     assert outputs == expected
     inputs = [i.name for i in decoder.graph.input]
-    assert inputs == ["inputs_embeds", "position_ids", "attention_mask", "score_query_mask"] + [
+    assert inputs == ["inputs_embeds", "position_ids", "attention_mask", "score_query_mask", "num_logits"] + [
         f"past_{k}_{i}" for i in range(layers) for k in ("key", "value")
     ]
 
@@ -190,6 +266,9 @@ def test_graphs_expose_only_logits_presents_and_scores(edge_dir):
     assert dims(by_name["inputs_embeds"]) == ["batch", "seq", sidecar.dims.hidden_size]
     assert dims(by_name["past_key_0"]) == ["batch", sidecar.dims.num_kv_heads, "past", sidecar.dims.head_dim]
     assert dims(by_name["visual_scores"]) == ["batch", "total"]
+    assert dims(by_name["logits"]) == ["batch", "logit_rows", sidecar.dims.vocab_size]
+    assert dims(by_name["num_logits"]) == []
+    assert by_name["num_logits"].type.tensor_type.elem_type == onnx.TensorProto.INT64
     assert by_name["logits"].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     vision = onnx.load(str(edge_dir / sidecar.graphs.vision))
     assert [o.name for o in vision.graph.output] == ["image_embeds"]
@@ -229,6 +308,11 @@ def test_sidecar_refuses_other_versions_and_unknown_keys(edge_dir, tmp_path):
     data = json.loads((edge_dir / SIDECAR_NAME).read_text())
     with pytest.raises(ValueError, match="format_version"):
         EdgeSidecar.from_json(json.dumps({**data, "format_version": 99}))
+    # version 1 decoders had no num_logits input
+    with pytest.raises(ValueError, match="format_version"):
+        EdgeSidecar.from_json(json.dumps({**data, "format_version": 1}))
+    with pytest.raises(ValueError, match="with_scores"):
+        EdgeSidecar.from_json(json.dumps({**data, "with_scores": "false"}))
     with pytest.raises(ValueError, match="unknown DecoderDims keys"):
         EdgeSidecar.from_json(json.dumps({**data, "dims": {**data["dims"], "num_layer": 3}}))
     with pytest.raises(FileNotFoundError):

@@ -198,8 +198,9 @@ def test_generate_accepts_encoded_bytes(edge):
 
 
 def test_generation_stops_on_eos_and_keeps_it(edge_dir, edge, tmp_path):
-    """Guards against generating past an EOS or dropping it from token_ids (S_conf counts it);
-    also, a directory whose copied configs disagree with the sidecar must be refused."""
+    """Guards against generating past an EOS or dropping it from token_ids (S_conf counts it), and
+    against ignore_eos (benchmarks) stopping anyway; also, a directory whose copied configs
+    disagree with the sidecar must be refused."""
     image = make_test_image(150, 90, seed=3)
     first = edge.generate(image, "What colour is the circle?", 4).token_ids
     stop = first[1]  # make the second generated token the EOS
@@ -213,10 +214,14 @@ def test_generation_stops_on_eos_and_keeps_it(edge_dir, edge, tmp_path):
     sidecar = json.loads((eos_dir / SIDECAR_NAME).read_text())
     sidecar["tokens"]["eos_token_ids"] = [stop]
     (eos_dir / SIDECAR_NAME).write_text(json.dumps(sidecar))
-    stopped = EdgeModel.load(eos_dir, providers=[CPU]).generate(image, "What colour is the circle?", 4)
+    stopping = EdgeModel.load(eos_dir, providers=[CPU])
+    stopped = stopping.generate(image, "What colour is the circle?", 4)
     expected = first[: first.index(stop) + 1]
     assert stopped.token_ids == expected
     assert len(stopped.token_probs) == len(expected)
+    # benchmarks generate a fixed count: past the EOS, the same tokens as a model without that EOS
+    past_eos = stopping.generate(image, "What colour is the circle?", 4, ignore_eos=True)
+    assert past_eos.token_ids == first
 
 
 # The subprocess makes torch and transformers unimportable before anything else is imported.

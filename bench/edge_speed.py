@@ -1,0 +1,538 @@
+"""Edge speed: the small VLM on ONNX Runtime against PyTorch, the score's cost, the consistency pass.
+
+One random-weight model of a preset's shape (``presets.py``), saved as a
+checkpoint and exported twice into a temporary directory: with the in-graph
+visual score (what the edge serves) and ``--no-scores`` (benchmarks only). In
+the same run, on one image and one question, with medians over ``--repeats``
+interleaved repeats:
+
+(a) greedy generation of exactly ``--new-tokens`` tokens (EOS ignored on both
+    sides) by ``EdgeModel.generate`` on ONNX Runtime (CPU EP; CUDA EP with the
+    KV cache kept on the GPU through IO binding when available) and by
+    transformers' ``model.generate(do_sample=False)`` in eager PyTorch (SDPA
+    attention unless ``--torch-attn``), both from the same preprocessing;
+(b) the with-scores decoder against the no-scores one, as raw ORT sessions:
+    one prefill (logits of the last position) and ``new_tokens - 1`` decode
+    passes over the same inputs; also the prefill that returns every
+    position's logits (what the decoder did before ``num_logits``);
+(c) the SEE consistency pass (``teacher_forced_probs`` with the top r_c = 5%
+    visual tokens) over the generated answer.
+
+Definitions (times are medians over repeats, in ms):
+
+- ``ttft``: time to first token = preprocess (tiles, prompt ids) + vision +
+  prefill, up to the first token's logits;
+- ``decode tok/s``: (new_tokens - 1) / time of the decode passes after it;
+- generation time = ttft + decode time (the whole ``generate`` call);
+- ``ort_vs_torch_speedup`` = torch generation time / ORT generation time;
+- ``score_overhead`` = with-scores time / no-scores time - 1, time = one
+  prefill + (new_tokens - 1) decode passes; ``score_overhead_prefill`` and
+  ``score_overhead_decode`` split it;
+- ``full_logits_overhead`` = prefill time with every position's logits /
+  prefill time with the last position's - 1 (what ``num_logits`` saves);
+- ``consistency_fraction`` = consistency pass time / ORT generation time.
+
+    python bench/edge_speed.py --quick                    # CPU, small config, 1 thread, < 1 min
+    python bench/edge_speed.py --preset internvl3-1b      # GPU: fp16, CUDA EP vs torch CUDA
+
+Progress goes to stderr; the markdown table to stdout, then, as the last
+line, one JSON object. It does not measure accuracy (random weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from PIL import Image
+from presets import PRESETS, BenchPreset, internvl_config  # bench/presets.py: shared speed-bench shapes
+from transformers import InternVLForConditionalGeneration, LogitsProcessor, LogitsProcessorList
+
+from stitchvlm.cloud.checkpoints import IMAGENET_MEAN, IMAGENET_STD, build_tokenizer, save_checkpoint
+from stitchvlm.edge.export import ExportConfig, export_edge
+from stitchvlm.edge.runtime import CPU, CUDA, EdgeGeneration, EdgeModel
+from stitchvlm.edge.sidecar import EdgeSidecar
+from stitchvlm.shared.layout import TilingConfig
+from stitchvlm.shared.preprocess import preprocess_image
+from stitchvlm.shared.prompt import build_prompt
+from stitchvlm.shared.scoring import top_r_indices
+
+QUESTION = "What colour is the triangle?"
+CONSISTENCY_RETENTION = 0.05  # r_c, DESIGN "SEE gate"
+
+
+def log(message: str) -> None:
+    print(f"[edge_speed] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark run (what the arguments parse into)."""
+
+    preset: str  # name in presets.PRESETS
+    dtype: str  # export and torch dtype: "fp32" or "fp16"
+    device: str  # "cpu" or "cuda": ORT provider and torch device
+    new_tokens: int  # tokens each generation produces (EOS ignored)
+    repeats: int  # timed repeats per measurement (after one warm-up)
+    threads: int  # CPU threads for torch and for each ORT session
+    torch_attn: str  # transformers attention implementation: "sdpa" or "eager"
+    work_dir: Path  # checkpoint and the two exports are written here
+
+    def __post_init__(self) -> None:
+        if self.new_tokens < 2:
+            raise ValueError("new_tokens must be >= 2 (a prefill and at least one decode pass)")
+        if self.device == "cuda" and not (
+            CUDA in ort.get_available_providers() and torch.cuda.is_available()
+        ):
+            raise ValueError("--device cuda needs onnxruntime's CUDAExecutionProvider and a CUDA torch")
+        if self.device == "cpu" and self.dtype == "fp16":
+            # most CPUs have no fp16 matmul: torch would run at <1 GFLOP/s and the ORT graph falls back
+            log("warning: fp16 on CPU measures fp16 emulation, not what an edge CPU would run")
+
+
+# --------------------------------------------------------------------- building
+
+
+def build_checkpoint(preset: BenchPreset, out: Path, dtype: str) -> Path:
+    """A seeded random InternVL of the preset's shape, saved with a tokenizer in the -hf layout."""
+    tokenizer = build_tokenizer()
+    config = internvl_config(
+        preset,
+        image_token_id=tokenizer.token_to_id("<IMG_CONTEXT>"),
+        eos_token_id=tokenizer.token_to_id("<|im_end|>"),
+        bos_token_id=tokenizer.token_to_id("<|endoftext|>"),
+    )
+    tiling = TilingConfig(
+        tile_size=preset.tile,
+        max_tiles=preset.max_tiles,
+        tokens_per_tile=preset.tokens_per_tile,
+        image_mean=IMAGENET_MEAN,
+        image_std=IMAGENET_STD,
+    )
+    torch.manual_seed(0)
+    model = InternVLForConditionalGeneration(config).eval()
+    model = model.to(torch.float16 if dtype == "fp16" else torch.float32)
+    return save_checkpoint(model, tokenizer, out, tiling)
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    # ORT's idle worker threads spin after each run; interleaved with torch on the same cores
+    # that spinning slows torch down, so neither side keeps cores busy between its own runs.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def providers(device: str) -> list[str]:
+    return [CUDA, CPU] if device == "cuda" else [CPU]
+
+
+def bench_image(preset: BenchPreset) -> Image.Image:
+    rng = np.random.default_rng(0)
+    width, height = preset.image_size
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+# --------------------------------------------------------------------- (a) ORT vs torch
+
+
+@dataclass(frozen=True)
+class GenerationTime:
+    """One timed generation."""
+
+    ttft_ms: float  # preprocess + vision + prefill
+    decode_ms: float  # the new_tokens - 1 decode passes
+    tokens: tuple[int, ...]  # what it generated
+
+    @property
+    def total_ms(self) -> float:
+        return self.ttft_ms + self.decode_ms
+
+
+def ort_generation(
+    edge: EdgeModel, image: Image.Image, new_tokens: int
+) -> tuple[GenerationTime, EdgeGeneration]:
+    gen = edge.generate(image, QUESTION, new_tokens, ignore_eos=True)
+    t = gen.timings
+    return GenerationTime(t.preprocess_ms + t.vision_ms + t.prefill_ms, t.decode_ms, gen.token_ids), gen
+
+
+class StepClock(LogitsProcessor):
+    """Records the time each of generate's forward passes has produced its logits."""
+
+    def __init__(self, sync: Callable[[], None]) -> None:
+        self.sync = sync
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        # generate reads the logits back every step anyway, so this sync costs ~nothing
+        self.sync()
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def torch_generation(
+    model: InternVLForConditionalGeneration, edge: EdgeModel, image: Image.Image, config: BenchConfig
+) -> GenerationTime:
+    """transformers' greedy generate from the same preprocessing and prompt ids as the edge runtime."""
+    sync = torch.cuda.synchronize if config.device == "cuda" else (lambda: None)
+    clock = StepClock(sync)
+    started = time.perf_counter()
+    pixel_values, layout = preprocess_image(image, edge.files.tiling)
+    prompt = build_prompt(edge.files, QUESTION, layout.num_visual_tokens)
+    ids = torch.tensor(np.asarray(prompt.input_ids, dtype=np.int64), device=config.device)[None]
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            pixel_values=torch.from_numpy(pixel_values).to(config.device, model.dtype),
+            max_new_tokens=config.new_tokens,
+            do_sample=False,
+            eos_token_id=[],  # no stop token: exactly new_tokens tokens, as ignore_eos on the edge
+            pad_token_id=edge.files.pad_token_id,
+            logits_processor=LogitsProcessorList([clock]),
+        )
+    tokens = tuple(out[0, ids.shape[1] :].tolist())
+    if len(tokens) != config.new_tokens or len(clock.times) != config.new_tokens:
+        raise RuntimeError(f"torch generated {len(tokens)} tokens, expected {config.new_tokens}")
+    return GenerationTime(1e3 * (clock.times[0] - started), 1e3 * (clock.times[-1] - clock.times[0]), tokens)
+
+
+def compare_generation(edge, model, image, config: BenchConfig) -> dict:
+    """(a): interleaved repeats of both generations; medians."""
+    ort_runs, torch_runs = [], []
+    ort_generation(edge, image, config.new_tokens)  # warm-up (ORT allocates its arenas here)
+    torch_generation(model, edge, image, config)
+    for repeat in range(config.repeats):
+        ort_runs.append(ort_generation(edge, image, config.new_tokens)[0])
+        torch_runs.append(torch_generation(model, edge, image, config))
+        log(
+            f"(a) repeat {repeat + 1}/{config.repeats}: ORT {ort_runs[-1].total_ms:.0f} ms, "
+            f"torch {torch_runs[-1].total_ms:.0f} ms"
+        )
+    same = 0
+    for ours, theirs in zip(ort_runs[0].tokens, torch_runs[0].tokens, strict=True):
+        if ours != theirs:
+            break
+        same += 1
+    return {
+        "ort": summarise(ort_runs, config.new_tokens),
+        "torch": summarise(torch_runs, config.new_tokens),
+        "tokens_equal": same,
+    }
+
+
+def summarise(runs: list[GenerationTime], new_tokens: int) -> dict:
+    decode_ms = statistics.median(r.decode_ms for r in runs)
+    return {
+        "ttft_ms": statistics.median(r.ttft_ms for r in runs),
+        "decode_ms": decode_ms,
+        "decode_tok_s": (new_tokens - 1) / (decode_ms / 1e3),
+        "total_ms": statistics.median(r.total_ms for r in runs),
+    }
+
+
+# --------------------------------------------------------------------- (b) the score's cost
+
+
+class RawDecoder:
+    """decoder.onnx as a bare ORT session (the runtime refuses the no-scores export)."""
+
+    def __init__(self, edge_dir: Path, config: BenchConfig) -> None:
+        self.sidecar = EdgeSidecar.load(edge_dir)
+        self.session = ort.InferenceSession(
+            str(edge_dir / self.sidecar.graphs.decoder),
+            sess_options=session_options(config.threads),
+            providers=providers(config.device),
+        )
+        self.device = "cuda" if self.session.get_providers()[0] == CUDA else "cpu"
+        self.layers = self.sidecar.dims.num_layers
+
+    def empty_cache(self) -> list[ort.OrtValue]:
+        dims = self.sidecar.dims
+        empty = np.zeros((1, dims.num_kv_heads, 0, dims.head_dim), dtype=self.sidecar.numpy_dtype)
+        return [ort.OrtValue.ortvalue_from_numpy(empty, self.device, 0) for _ in range(2 * self.layers)]
+
+    def run(self, embeds, positions, query_mask, cache, num_logits: int) -> list[ort.OrtValue]:
+        """One pass as the runtime binds it (logits and scores to the host, KV on the device)."""
+        io, with_scores = self.sidecar.io, self.sidecar.with_scores
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(io.inputs_embeds, np.ascontiguousarray(embeds))
+        binding.bind_cpu_input(io.position_ids, np.ascontiguousarray(positions, dtype=np.int64))
+        total = cache[0].shape()[2] + positions.shape[1]
+        binding.bind_cpu_input(io.attention_mask, np.ones((1, total), dtype=np.int64))
+        if with_scores:
+            binding.bind_cpu_input(io.score_query_mask, np.ascontiguousarray(query_mask, dtype=np.float32))
+        binding.bind_cpu_input(io.num_logits, np.array(num_logits, dtype=np.int64))
+        for name, value in zip(io.past_names(self.layers), cache, strict=True):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output(io.logits, "cpu")
+        if with_scores:
+            binding.bind_output(io.visual_scores, "cpu")
+        for name in io.present_names(self.layers):
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        outputs[0].numpy()  # the logits reach numpy, as the runtime's argmax needs them
+        return outputs[2 if with_scores else 1 :]
+
+
+def time_decoder(
+    decoder: RawDecoder, edge: EdgeModel, gen: EdgeGeneration, num_logits: int
+) -> tuple[float, float]:
+    """(prefill ms, decode ms over the answer's tokens but the last) on the generation's own inputs."""
+    prompt = gen.prompt
+    length = len(prompt.input_ids)
+    embeds = edge.embed(prompt.input_ids)
+    embeds[prompt.visual_start : prompt.visual_end] = gen.image_embeds
+    query_mask = (np.arange(length) >= prompt.visual_end).astype(np.float32)[None]
+    started = time.perf_counter()
+    cache = decoder.run(embeds[None], np.arange(length)[None], query_mask, decoder.empty_cache(), num_logits)
+    prefilled = time.perf_counter()
+    one = np.ones((1, 1), dtype=np.float32)
+    for index, token in enumerate(gen.token_ids[:-1]):
+        cache = decoder.run(edge.embed([token])[None], np.array([[length + index]]), one, cache, 1)
+    finished = time.perf_counter()
+    return 1e3 * (prefilled - started), 1e3 * (finished - prefilled)
+
+
+def compare_scores(edge: EdgeModel, gen: EdgeGeneration, dirs: dict[str, Path], config: BenchConfig) -> dict:
+    """(b): with vs without scores, and all-position logits, interleaved in alternating order."""
+    decoders = {name: RawDecoder(path, config) for name, path in dirs.items()}
+    length = len(gen.prompt.input_ids)
+    variants = {"scores": ("scores", 1), "no_scores": ("no_scores", 1), "all_logits": ("scores", length)}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+    for graph, rows in variants.values():  # warm-up
+        time_decoder(decoders[graph], edge, gen, rows)
+    for repeat in range(config.repeats):
+        order = list(variants) if repeat % 2 == 0 else list(reversed(variants))
+        for name in order:
+            graph, rows = variants[name]
+            times[name].append(time_decoder(decoders[graph], edge, gen, rows))
+        log(f"(b) repeat {repeat + 1}/{config.repeats}")
+    return {
+        name: {
+            "prefill_ms": statistics.median(t[0] for t in runs),
+            "decode_ms": statistics.median(t[1] for t in runs),
+            "total_ms": statistics.median(t[0] + t[1] for t in runs),
+        }
+        for name, runs in times.items()
+    }
+
+
+# --------------------------------------------------------------------- (c) consistency pass
+
+
+def time_consistency(edge: EdgeModel, gen: EdgeGeneration, repeats: int) -> float:
+    keep = top_r_indices(gen.visual_scores, CONSISTENCY_RETENTION)
+    edge.teacher_forced_probs(gen.prompt, gen.image_embeds, keep, gen.token_ids)  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        edge.teacher_forced_probs(gen.prompt, gen.image_embeds, keep, gen.token_ids)
+        times.append(1e3 * (time.perf_counter() - started))
+    return statistics.median(times)
+
+
+# --------------------------------------------------------------------- run and report
+
+
+def export_both(checkpoint: Path, config: BenchConfig) -> dict[str, Path]:
+    """The served export and the --no-scores one, traced on the benchmark's device (fast fp16)."""
+    dirs = {"scores": config.work_dir / "edge-scores", "no_scores": config.work_dir / "edge-no-scores"}
+    for name, out in dirs.items():
+        log(f"exporting {name} ({config.dtype}) -> {out}")
+        export = ExportConfig(
+            model_dir=checkpoint,
+            out_dir=out,
+            dtype=config.dtype,
+            verify=False,
+            with_scores=name == "scores",
+            device=config.device,
+        )
+        export_edge(export)
+    return dirs
+
+
+def run(config: BenchConfig) -> dict:
+    preset = BenchPreset.from_name(config.preset)
+    torch.set_num_threads(config.threads)
+    log(f"building a random {config.preset} checkpoint")
+    checkpoint = build_checkpoint(preset, config.work_dir / "checkpoint", config.dtype)
+    dirs = export_both(checkpoint, config)
+
+    edge = EdgeModel.load(
+        dirs["scores"], providers=providers(config.device), session_options=session_options(config.threads)
+    )
+    if edge.device != config.device:
+        raise RuntimeError(f"ORT runs on {edge.device}, not {config.device}")
+    model = InternVLForConditionalGeneration.from_pretrained(
+        checkpoint,
+        dtype=torch.float16 if config.dtype == "fp16" else torch.float32,
+        attn_implementation=config.torch_attn,
+    )
+    model = model.to(config.device).eval()
+    image = bench_image(preset)
+
+    log("(a) ORT vs PyTorch generation")
+    generation = compare_generation(edge, model, image, config)
+    del model  # (b) and (c) are ORT only
+    if config.device == "cuda":
+        torch.cuda.empty_cache()
+    _, gen = ort_generation(edge, image, config.new_tokens)
+    log("(b) decoder with and without scores")
+    scores = compare_scores(edge, gen, dirs, config)
+    log("(c) consistency pass")
+    consistency_ms = time_consistency(edge, gen, config.repeats)
+    return summary(config, gen, generation, scores, consistency_ms)
+
+
+def summary(
+    config: BenchConfig, gen: EdgeGeneration, generation: dict, scores: dict, consistency_ms: float
+) -> dict:
+    ort_, torch_ = generation["ort"], generation["torch"]
+    with_, without = scores["scores"], scores["no_scores"]
+    device = (
+        torch.cuda.get_device_name()
+        if config.device == "cuda"
+        else f"cpu ({os.cpu_count()} cores, {config.threads} threads)"
+    )
+    return {
+        "device": device,
+        "preset": config.preset,
+        "dtype": config.dtype,
+        "torch_attn": config.torch_attn,
+        "num_visual_tokens": gen.prompt.num_visual_tokens,
+        "prompt_tokens": len(gen.prompt.input_ids),
+        "new_tokens": config.new_tokens,
+        "repeats": config.repeats,
+        "tokens_equal": generation["tokens_equal"],
+        "ort_ttft_ms": round(ort_["ttft_ms"], 2),
+        "torch_ttft_ms": round(torch_["ttft_ms"], 2),
+        "ort_decode_tok_s": round(ort_["decode_tok_s"], 1),
+        "torch_decode_tok_s": round(torch_["decode_tok_s"], 1),
+        "ort_generation_ms": round(ort_["total_ms"], 2),
+        "torch_generation_ms": round(torch_["total_ms"], 2),
+        "ort_vs_torch_speedup": round(torch_["total_ms"] / ort_["total_ms"], 3),
+        "ttft_speedup": round(torch_["ttft_ms"] / ort_["ttft_ms"], 3),
+        "decode_speedup": round(torch_["decode_ms"] / ort_["decode_ms"], 3),
+        "score_overhead": round(with_["total_ms"] / without["total_ms"] - 1, 4),
+        "score_overhead_prefill": round(with_["prefill_ms"] / without["prefill_ms"] - 1, 4),
+        "score_overhead_decode": round(with_["decode_ms"] / without["decode_ms"] - 1, 4),
+        "full_logits_overhead": round(scores["all_logits"]["prefill_ms"] / with_["prefill_ms"] - 1, 4),
+        "consistency_ms": round(consistency_ms, 2),
+        "consistency_fraction": round(consistency_ms / ort_["total_ms"], 4),
+        "detail": {"generation": generation, "decoder": scores},
+    }
+
+
+def print_tables(result: dict) -> None:
+    gen, dec = result["detail"]["generation"], result["detail"]["decoder"]
+    ort_, torch_ = gen["ort"], gen["torch"]
+    steps = result["new_tokens"] - 1
+    print(
+        f"\nmodel {result['preset']} ({result['dtype']}) on {result['device']}: |V| = "
+        f"{result['num_visual_tokens']}, prompt {result['prompt_tokens']} tokens, {result['new_tokens']} new "
+        f"tokens (EOS ignored), median of {result['repeats']}; first {result['tokens_equal']} tokens equal\n"
+    )
+    print(f"| (a) greedy generation | ORT | PyTorch ({result['torch_attn']}) | PyTorch / ORT |")
+    print("|---|---|---|---|")
+    for label, key in (
+        ("time to first token, ms", "ttft_ms"),
+        ("decode, ms", "decode_ms"),
+        ("generation, ms", "total_ms"),
+    ):
+        print(f"| {label} | {ort_[key]:.1f} | {torch_[key]:.1f} | {torch_[key] / ort_[key]:.2f}x |")
+    print(
+        f"| decode, tok/s | {ort_['decode_tok_s']:.1f} | {torch_['decode_tok_s']:.1f} | "
+        f"{ort_['decode_tok_s'] / torch_['decode_tok_s']:.2f}x |\n"
+    )
+
+    print("| (b) decoder.onnx (raw ORT) | with scores | without | score overhead |")
+    print("|---|---|---|---|")
+    with_, without = dec["scores"], dec["no_scores"]
+    rows = (
+        ("prefill (last logits), ms", "prefill_ms", 1),
+        ("decode, ms per token", "decode_ms", steps),
+        (f"prefill + {steps} decode, ms", "total_ms", 1),
+    )
+    for label, key, per in rows:
+        print(
+            f"| {label} | {with_[key] / per:.2f} | {without[key] / per:.2f} | "
+            f"{100 * (with_[key] / without[key] - 1):+.1f}% |"
+        )
+    all_rows = dec["all_logits"]["prefill_ms"]
+    print(
+        f"| prefill, logits of all {result['prompt_tokens']} positions, ms | {all_rows:.2f} | | "
+        f"{100 * result['full_logits_overhead']:+.1f}% vs last logits |\n"
+    )
+
+    print(f"| (c) consistency pass (r_c = {CONSISTENCY_RETENTION:.0%}) | ms | of ORT generation |")
+    print("|---|---|---|")
+    print(
+        f"| teacher_forced_probs | {result['consistency_ms']:.1f} | {100 * result['consistency_fraction']:.1f}% |"
+    )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="CPU, preset quick, fp32; 16 tokens, 3 repeats")
+    parser.add_argument("--preset", default="internvl3-1b", choices=sorted(PRESETS))
+    cuda = CUDA in ort.get_available_providers() and torch.cuda.is_available()
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if cuda else "cpu")
+    parser.add_argument("--dtype", choices=["fp32", "fp16"], default=None, help="default: fp16 on cuda")
+    parser.add_argument("--new-tokens", type=int, default=None, help="default 32 (--quick: 16)")
+    parser.add_argument("--repeats", type=int, default=None, help="default 5 (--quick: 3)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads of torch and of ORT (default: all; --quick: 1)"
+    )
+    parser.add_argument("--torch-attn", choices=["sdpa", "eager"], default="sdpa")
+    parser.add_argument("--work-dir", type=Path, default=None, help="keep the exports here (default: temp)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.preset, args.device = "quick", "cpu"
+    args.new_tokens = args.new_tokens or (16 if args.quick else 32)
+    args.repeats = args.repeats or (3 if args.quick else 5)
+    # --quick: one thread each. On a small shared CPU, torch's OpenMP threads stall whenever
+    # one is descheduled (2 threads on 2 busy cores made torch 5-15x slower, ORT ~1.5x).
+    args.threads = args.threads or (1 if args.quick else os.cpu_count())
+    args.dtype = args.dtype or ("fp16" if args.device == "cuda" else "fp32")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="edge_speed_") as temp:
+        config = BenchConfig(
+            preset=args.preset,
+            dtype=args.dtype,
+            device=args.device,
+            new_tokens=args.new_tokens,
+            repeats=args.repeats,
+            threads=args.threads,
+            torch_attn=args.torch_attn,
+            work_dir=args.work_dir or Path(temp),
+        )
+        result = run(config)
+    log(f"done in {time.perf_counter() - started:.0f} s")
+    print_tables(result)
+    print(json.dumps({key: value for key, value in result.items() if key != "detail"}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
