@@ -21,8 +21,12 @@ import time
 
 import numpy as np
 import torch
-from presets import PRESETS, BenchPreset  # bench/presets.py: the shapes every speed benchmark shares
-from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen2Config
+from presets import (  # bench/presets.py: the shapes every speed benchmark shares
+    PRESETS,
+    BenchPreset,
+    internvl_config,
+)
+from transformers import InternVLForConditionalGeneration
 
 from stitchvlm.cloud.checkpoints import build_tokenizer
 from stitchvlm.cloud.sgp import SGPModel, kept_sequence_positions
@@ -34,33 +38,11 @@ RETENTIONS = (1.0, 0.64, 0.35, 0.09)
 
 
 def build_model(preset: BenchPreset, image_token_id: int, device: str, dtype: torch.dtype):
-    tokens_per_tile = (preset.tile // preset.patch // 2) ** 2
-    config = InternVLConfig(
-        vision_config=InternVLVisionConfig(
-            hidden_size=preset.vision_hidden,
-            num_hidden_layers=preset.vision_layers,
-            num_attention_heads=preset.vision_heads,
-            intermediate_size=4 * preset.vision_hidden,
-            image_size=preset.tile,
-            patch_size=preset.patch,
-        ),
-        text_config=Qwen2Config(
-            vocab_size=preset.vocab,
-            hidden_size=preset.text_hidden,
-            intermediate_size=preset.text_intermediate,
-            num_hidden_layers=preset.text_layers,
-            num_attention_heads=preset.text_heads,
-            num_key_value_heads=preset.text_kv_heads,
-            max_position_embeddings=32768,
-            rope_theta=1e6,
-        ),
-        image_token_id=image_token_id,
-        image_seq_length=tokens_per_tile,
-    )
+    config = internvl_config(preset, image_token_id)
     config._attn_implementation = "sdpa"
     with torch.device(device):
         model = InternVLForConditionalGeneration(config)
-    return model.to(dtype).eval(), tokens_per_tile
+    return model.to(dtype).eval(), preset.tokens_per_tile
 
 
 def prefill_flops(cfg, seq_len: int, pruned_len: int, k: int) -> float:
