@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     net.add_argument("--max-message-mb", type=float, default=32.0, help="largest request accepted, MiB")
     net.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get on shutdown")
+    net.add_argument(
+        "--metrics-port",
+        type=non_negative_int,
+        default=None,
+        help="serve Prometheus /metrics on this port of --host (0 picks a free one; default: off)",
+    )
     net.add_argument("--tls-cert", type=Path, help="PEM certificate chain (TLS when given, with --tls-key)")
     net.add_argument("--tls-key", type=Path, help="PEM private key")
     net.add_argument(
@@ -116,6 +122,7 @@ def _configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         auth_token=args.auth_token or None,  # an empty token means no auth
+        metrics_port=args.metrics_port,
     )
     engine = EngineConfig(
         model_dir=args.model,

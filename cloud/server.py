@@ -6,8 +6,12 @@ while shutting down) and reflection. The port is bound first and the weights
 load in a background thread, so orchestrators can probe health during a slow
 load. Optional TLS, and an optional bearer token that every call but health
 must carry. Lifecycle lines ("stitch-cloud loading: listening on HOST:PORT",
-"stitch-cloud ready: ...", "stitch-cloud stopped ...") go to stdout; one
-structured log line per request goes to the ``stitchvlm.cloud.server`` logger.
+"stitch-cloud ready: ...", "stitch-cloud metrics: ...", "stitch-cloud stopped ...")
+go to stdout; one key=value log line per request (``request id=... status=...``,
+then the reply's counts and timings or the error, ``total_ms`` and the
+serialized message sizes) goes to the ``stitchvlm.cloud.server`` logger. Every
+finished request is also counted in the server's ``CloudMetrics``, served at
+``/metrics`` on ``ServerConfig.metrics_port`` when that is set.
 
 What the servicer does: convert the wire message at the boundary
 (``wire.request_from_proto``), admit at most ``max_concurrency`` generations
@@ -47,6 +51,7 @@ from ..shared.errors import RequestError
 from ..shared.pb import cascade_pb2, cascade_pb2_grpc
 from ..shared.types import CloudReply, CloudRequest
 from .engine import CloudEngine, EngineConfig
+from .metrics import CloudMetrics, MetricsServer
 
 logger = logging.getLogger("stitchvlm.cloud.server")
 
@@ -77,6 +82,7 @@ class ServerConfig:
     tls_cert: Path | None = None  # PEM certificate chain; TLS when set (with tls_key)
     tls_key: Path | None = None  # PEM private key for tls_cert
     auth_token: str | None = None  # bearer token every call but health must carry; None = no auth
+    metrics_port: int | None = None  # Prometheus /metrics HTTP port on ``host``; None = off, 0 = a free port
 
     def __post_init__(self) -> None:
         if self.max_concurrency < 1:
@@ -87,6 +93,8 @@ class ServerConfig:
             raise ValueError("tls_cert and tls_key go together")
         if self.auth_token == "":
             raise ValueError("auth_token must not be empty (use None for no auth)")
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
 
 
 class StopSignal:
@@ -119,11 +127,13 @@ class StopSignal:
 class CascadeService(cascade_pb2_grpc.CascadeServicer):
     """The ``stitch.v1.Cascade`` servicer: admission, threading and status mapping around the engine."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, metrics: CloudMetrics | None = None) -> None:
         self.config = config
         self.engine: CloudEngine | None = None  # set once the weights have loaded
+        self.metrics = metrics if metrics is not None else CloudMetrics()
         self._slots = asyncio.Semaphore(config.max_concurrency)
         self._admitted = 0  # requests running or waiting for a slot
+        self._running = 0  # requests holding a slot (their generation runs until it has really stopped)
         self._executor = ThreadPoolExecutor(config.max_concurrency, thread_name_prefix="stitch-generate")
 
     def close(self) -> None:
@@ -134,13 +144,18 @@ class CascadeService(cascade_pb2_grpc.CascadeServicer):
         self, request: cascade_pb2.AnswerRequest, context: grpc.aio.ServicerContext
     ) -> cascade_pb2.AnswerReply:
         received = time.monotonic()
+        request_bytes = request.ByteSize()
         request_id = request.request_id or uuid.uuid4().hex
         if not REQUEST_ID.fullmatch(request_id):
             # Never echo it into the log as is: it could forge log lines.
             fresh = uuid.uuid4().hex
             message = "request_id must be 1-128 characters of A-Z a-z 0-9 . _ : / -"
-            log_request(
-                fresh, grpc.StatusCode.INVALID_ARGUMENT, received, message=f"{message}; got {request_id!r}"
+            self._record(
+                fresh,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                received,
+                request_bytes,
+                message=f"{message}; got {request_id!r}",
             )
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
         remaining = context.time_remaining()  # seconds, None without a deadline
@@ -151,7 +166,14 @@ class CascadeService(cascade_pb2_grpc.CascadeServicer):
             reply = await self._answer(request, request_id, received, stop)
         except RequestError as err:
             stopped = stop.observed if err.code in STOP_CODES else None
-            log_request(request_id, err.code, received, message=err.message, should_stop_observed=stopped)
+            self._record(
+                request_id,
+                err.code,
+                received,
+                request_bytes,
+                message=err.message,
+                should_stop_observed=stopped,
+            )
             await context.abort(err.code, err.message)  # raises: ends the call with this status
         except asyncio.CancelledError:
             status = (
@@ -159,14 +181,40 @@ class CascadeService(cascade_pb2_grpc.CascadeServicer):
                 if stop.deadline_passed(DEADLINE_SLACK_S)
                 else grpc.StatusCode.CANCELLED
             )
-            log_request(request_id, status, received, should_stop_observed=stop.observed)
+            self._record(request_id, status, received, request_bytes, should_stop_observed=stop.observed)
             raise
         except Exception:
-            logger.exception("request id=%s failed", request_id)
-            log_request(request_id, grpc.StatusCode.INTERNAL, received)
+            logger.exception("exception id=%s", request_id)
+            self._record(request_id, grpc.StatusCode.INTERNAL, received, request_bytes)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
-        log_request(request_id, grpc.StatusCode.OK, received, reply=reply)
-        return wire.reply_to_proto(reply)
+        message = wire.reply_to_proto(reply)
+        self._record(request_id, grpc.StatusCode.OK, received, request_bytes, reply, message.ByteSize())
+        return message
+
+    def _record(
+        self,
+        request_id: str,
+        status: grpc.StatusCode,
+        received: float,
+        request_bytes: int,
+        reply: CloudReply | None = None,
+        reply_bytes: int | None = None,
+        **log_fields: object,
+    ) -> None:
+        """The request's log line and its metrics, once it has its final status."""
+        log_request(
+            request_id,
+            status,
+            received,
+            reply=reply,
+            request_bytes=request_bytes,
+            reply_bytes=reply_bytes,
+            **log_fields,
+        )
+        self.metrics.observe(status, reply, request_bytes, reply_bytes)
+
+    def _admission_changed(self) -> None:
+        self.metrics.set_admission(waiting=self._admitted - self._running, running=self._running)
 
     async def _answer(
         self, message: cascade_pb2.AnswerRequest, request_id: str, received: float, stop: StopSignal
@@ -185,14 +233,21 @@ class CascadeService(cascade_pb2_grpc.CascadeServicer):
                 f"queue full ({self.config.max_concurrency} running, {self.config.max_queue} waiting); retry later",
             )
         self._admitted += 1
+        self._admission_changed()
         try:
             async with self._slots:
-                started = time.monotonic()
-                if stop.deadline_passed():
-                    raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while queued")
-                reply = await self._generate(engine, request, stop)
+                self._running += 1
+                self._admission_changed()
+                try:
+                    started = time.monotonic()
+                    if stop.deadline_passed():
+                        raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while queued")
+                    reply = await self._generate(engine, request, stop)
+                finally:
+                    self._running -= 1
         finally:
             self._admitted -= 1
+            self._admission_changed()
         timings = dataclasses.replace(
             reply.timings,
             queue_ms=(started - received) * 1e3,
@@ -228,8 +283,11 @@ def log_request(
     reply: CloudReply | None = None,
     message: str = "",
     should_stop_observed: bool | None = None,
+    request_bytes: int | None = None,
+    reply_bytes: int | None = None,
 ) -> None:
-    """One structured line per request: id, status, kept/|V| and timings, or the error message."""
+    """One key=value line per request: id, status, kept/|V| and timings or the error message,
+    total_ms, and the serialized request / reply sizes when known."""
     fields: dict[str, object] = {"id": request_id, "status": status.name}
     if reply is not None:
         t = reply.timings
@@ -250,6 +308,10 @@ def log_request(
     if message:
         fields["message"] = json.dumps(message)
     fields["total_ms"] = round((time.monotonic() - received) * 1e3, 1)
+    if request_bytes is not None:
+        fields["request_bytes"] = request_bytes
+    if reply_bytes is not None:
+        fields["reply_bytes"] = reply_bytes
     logger.info("request %s", " ".join(f"{k}={v}" for k, v in fields.items()))
 
 
@@ -351,6 +413,16 @@ async def load_engine_in_background(engine_config: EngineConfig) -> CloudEngine:
     return await result
 
 
+def start_metrics(config: ServerConfig, metrics: CloudMetrics) -> MetricsServer | None:
+    """Serve ``/metrics`` when ``config.metrics_port`` is set; ``OSError`` when the port is taken."""
+    if config.metrics_port is None:
+        return None
+    try:
+        return metrics.serve(config.host, config.metrics_port)
+    except OSError as error:
+        raise OSError(f"cannot serve metrics on {config.host}:{config.metrics_port}: {error}") from error
+
+
 def announce(line: str) -> None:
     """Lifecycle lines go to stdout whatever the log level: scripts and tests read the port from them."""
     print(line, flush=True)
@@ -369,6 +441,7 @@ async def serve(server_config: ServerConfig, engine_config: EngineConfig) -> int
     service = CascadeService(server_config)
     try:
         server, port = build_server(server_config, service, health_servicer)
+        metrics_server = start_metrics(server_config, service.metrics)
     except OSError as error:
         logger.error("%s", error)
         return 1
@@ -378,6 +451,8 @@ async def serve(server_config: ServerConfig, engine_config: EngineConfig) -> int
     announce(
         f"stitch-cloud loading: listening on {host}:{port} ({scheme}); NOT_SERVING until the model has loaded"
     )
+    if metrics_server is not None:
+        announce(f"stitch-cloud metrics: http://{host}:{metrics_server.port}/metrics")
 
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -406,10 +481,12 @@ async def serve(server_config: ServerConfig, engine_config: EngineConfig) -> int
     else:
         loading.cancel()  # the load thread is a daemon; it dies with the process
 
-    logger.info("shutting down: NOT_SERVING, up to %.1fs for in-flight requests", server_config.grace_seconds)
+    logger.info("shutdown health=NOT_SERVING grace_s=%.1f", server_config.grace_seconds)
     await health_servicer.enter_graceful_shutdown()
     await server.stop(server_config.grace_seconds)
     service.close()
+    if metrics_server is not None:
+        metrics_server.close()
     stopping.cancel()
     announce(f"stitch-cloud stopped (exit code {exit_code})")
     return exit_code

@@ -23,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import io
+import json
+import logging
 import threading
 import time
 import uuid
@@ -41,6 +43,8 @@ from stitchvlm.shared.types import CloudReply, CloudRequest
 from .cloud_client import CloudClient, CloudError, WireSize, connect_cloud
 from .gate import DEFAULT_CONSISTENCY_RETENTION, DEFAULT_TAU, GateConfig, see_gate
 from .runtime import EdgeGeneration, EdgeModel
+
+logger = logging.getLogger("stitchvlm.edge.sdk")
 
 ROUTE_EDGE = "edge"
 ROUTE_CLOUD = "cloud"
@@ -262,6 +266,7 @@ class Cascade:
         wire = self.cloud.wire_size(request) if request is not None else None
         degraded = error is not None and self.config.on_cloud_failure == ON_FAILURE_DEGRADE
         self._count(edge, reply, error, wire)
+        _log_result(edge, reply, error, wire, 1e3 * (time.perf_counter() - edge.started))
         if error is not None and not degraded:
             raise error
         gen, decision = edge.gen, edge.decision
@@ -310,6 +315,34 @@ class Cascade:
         with self._lock:
             s = self._stats
             self._stats = dataclasses.replace(s, **{name: getattr(s, name) + n for name, n in bump.items()})
+
+
+def _log_result(
+    edge: _EdgeOutcome,
+    reply: CloudReply | None,
+    error: CloudError | None,
+    wire: WireSize | None,
+    total_ms: float,
+) -> None:
+    """One key=value line per question, keyed by the request id the server logs ("-": not escalated)."""
+    request = edge.request
+    fields: dict[str, object] = {
+        "id": request.request_id if request is not None else "-",
+        "route": ROUTE_CLOUD if reply is not None else ROUTE_EDGE,
+        "status": "OK" if error is None else error.code.name,
+        "s": f"{edge.decision.s:.4f}",
+        "tau": f"{edge.decision.tau:g}",
+    }
+    if wire is not None:
+        fields.update(request_bytes=wire.total, image_bytes=wire.image, index_bytes=wire.indices)
+    fields.update(edge_ms=round(edge.edge_ms, 1), total_ms=round(total_ms, 1))
+    if error is not None:
+        fields["message"] = json.dumps(error.message)
+    logger.log(
+        logging.WARNING if error is not None else logging.INFO,
+        "request %s",
+        " ".join(f"{k}={v}" for k, v in fields.items()),
+    )
 
 
 class AsyncCascade:
