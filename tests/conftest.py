@@ -82,3 +82,13 @@ def make_test_image(width: int, height: int, seed: int = 0) -> Image.Image:
 def image_factory():
     """Factory fixture: ``image_factory(width, height, seed=0)`` -> PIL image (see ``make_test_image``)."""
     return make_test_image
+
+
+@pytest.fixture(scope="session")
+def tiny_edge_dir(tmp_path_factory, tiny_checkpoint) -> Path:
+    """``tiny_checkpoint`` exported once per session (fp32, no verification) for the edge tests."""
+    from stitchvlm.edge.export import ExportConfig, export_edge
+
+    out = tmp_path_factory.mktemp("edge") / "tiny"
+    export_edge(ExportConfig(model_dir=tiny_checkpoint, out_dir=out, verify=False))
+    return out

@@ -241,10 +241,13 @@ def cloud_request(
     request_id: str = "",
     model: str = "",
     seed: int = 0,
+    scores: np.ndarray | None = None,
 ) -> CloudRequest:
-    """A valid request as an edge would build it: the image's layout and top-R of seeded random scores."""
+    """A valid request as an edge would build it: the image's layout and the top-R of ``scores``
+    (seeded random scores when none are given)."""
     layout = compute_layout(image.width, image.height, tiling)
-    scores = np.random.default_rng(seed).random(layout.num_visual_tokens)  # [n_visual]
+    if scores is None:
+        scores = np.random.default_rng(seed).random(layout.num_visual_tokens)  # [n_visual]
     return CloudRequest(
         image=png_bytes(image),
         mime_type="image/png",

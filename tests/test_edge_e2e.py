@@ -26,15 +26,13 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from conftest import make_test_image  # noqa: E402
-from servers import cloud_request, png_bytes, running_cloud, tiling_of  # noqa: E402
+from servers import cloud_request, running_cloud, tiling_of  # noqa: E402
 
 from stitchvlm.cloud.engine import CloudEngine, EngineConfig  # noqa: E402
 from stitchvlm.edge.cli import main as edge_main  # noqa: E402
 from stitchvlm.edge.cloud_client import CloudError, GrpcCloudClient  # noqa: E402
-from stitchvlm.edge.export import ExportConfig, export_edge  # noqa: E402
 from stitchvlm.edge.runtime import CPU, EdgeModel  # noqa: E402
 from stitchvlm.edge.sdk import Cascade  # noqa: E402
-from stitchvlm.shared.layout import layout_fingerprint  # noqa: E402
 from stitchvlm.shared.pb import cascade_pb2, cascade_pb2_grpc  # noqa: E402
 from stitchvlm.shared.preprocess import compute_layout  # noqa: E402
 from stitchvlm.shared.scoring import keep_count, top_r_indices  # noqa: E402
@@ -48,10 +46,8 @@ SLACK_S = 0.5  # scheduling slack on a shared 2-core machine when timing a deadl
 
 
 @pytest.fixture(scope="module")
-def edge_dir(tiny_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("edge") / "tiny"
-    export_edge(ExportConfig(model_dir=tiny_checkpoint, out_dir=out, verify=False))
-    return out
+def edge_dir(tiny_edge_dir):
+    return tiny_edge_dir
 
 
 @pytest.fixture(scope="module")
@@ -85,17 +81,8 @@ def free_port() -> int:
 
 def build_request(tiling, picture, scores: np.ndarray) -> CloudRequest:
     """What the edge must send for ``picture``: the layout of ``tiling``, the top-R of ``scores``."""
-    layout = compute_layout(picture.width, picture.height, tiling)
-    return CloudRequest(
-        image=png_bytes(picture),
-        mime_type="image/png",
-        prompt=QUESTION,
-        kept_indices=top_r_indices(scores, RETENTION),
-        num_visual_tokens=layout.num_visual_tokens,
-        retention=RETENTION,
-        layout=layout,
-        layout_fingerprint=layout_fingerprint(layout, tiling),
-        max_new_tokens=MAX_NEW_TOKENS,
+    return cloud_request(
+        tiling, picture, QUESTION, retention=RETENTION, max_new_tokens=MAX_NEW_TOKENS, scores=scores
     )
 
 

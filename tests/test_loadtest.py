@@ -29,7 +29,6 @@ pytest.importorskip("torch")
 
 from servers import png_bytes, running_cloud, tiling_of  # noqa: E402
 
-from stitchvlm.edge.export import ExportConfig, export_edge  # noqa: E402
 from stitchvlm.edge.loadtest import main as loadtest_main  # noqa: E402
 from stitchvlm.edge.loadtest import prepare_image, tile_grid_size  # noqa: E402
 from stitchvlm.edge.relay import is_loopback, split_address  # noqa: E402
@@ -47,10 +46,8 @@ FIELD = re.compile(r"(\w+)=(\S+)")
 
 
 @pytest.fixture(scope="module")
-def edge_dir(tiny_checkpoint, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("edge") / "tiny"
-    export_edge(ExportConfig(model_dir=tiny_checkpoint, out_dir=out, verify=False))
-    return out
+def edge_dir(tiny_edge_dir) -> Path:
+    return tiny_edge_dir
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,6 @@ from stitchvlm.edge.cloud_client import (  # noqa: E402
     InProcessCloudClient,
     connect_cloud,
 )
-from stitchvlm.edge.export import ExportConfig, export_edge  # noqa: E402
 from stitchvlm.edge.gate import GateConfig, see_gate  # noqa: E402
 from stitchvlm.edge.runtime import CPU, EdgeModel  # noqa: E402
 from stitchvlm.edge.sdk import AsyncCascade, Cascade, CascadeConfig  # noqa: E402
@@ -48,10 +47,8 @@ RETENTION = 0.25
 
 
 @pytest.fixture(scope="module")
-def edge(tiny_checkpoint, tmp_path_factory) -> EdgeModel:
-    out = tmp_path_factory.mktemp("edge") / "tiny"
-    export_edge(ExportConfig(model_dir=tiny_checkpoint, out_dir=out, verify=False))
-    return EdgeModel.load(out, providers=[CPU])
+def edge(tiny_edge_dir) -> EdgeModel:
+    return EdgeModel.load(tiny_edge_dir, providers=[CPU])
 
 
 @pytest.fixture(scope="module")
