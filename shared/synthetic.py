@@ -1,0 +1,386 @@
+"""A deterministic synthetic visual-question dataset: shapes, colours and digits on a 448 x 448 canvas.
+
+The trained synthetic pair (DESIGN "Models") learns from these examples, and
+the benchmarks measure accuracy, pruning quality and exit rate on them. Every
+question's answer depends on a small part of the image (one object, or the few
+objects of one colour), which ``Example.region`` names, so a pruning method
+that keeps the right visual tokens keeps the answer.
+
+Question types (``QTYPES``), in rising difficulty for a tiny model:
+
+- ``colour``: "What colour is the triangle?" (the shape is unique in the image)
+- ``shape``: "What shape is the blue object?" (the colour is unique)
+- ``count``: "How many red objects are there?" (1 to 4)
+- ``digit``: "What digit is inside the blue square?" (other shapes carry digits too)
+- ``spatial``: "What shape is left of the red circle?" (exactly one object lies
+  in that direction: inside the 90-degree cone around it)
+
+Answers are one word or one digit; ``exact_match`` compares them. An example is
+a pure function of (split, seed): each split salts its random streams with its
+own key, so the same seed never gives the same scene in two splits. Only numpy
+and Pillow are used (the edge imports this module); no torch, no font files
+(digits use Pillow's built-in scalable font).
+
+Not here: tokenization, tiling, or model inputs (``prompt`` and ``preprocess``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+IMAGE_SIZE = 448  # canvas side in px: 2 x 2 tiles of 224 px plus the thumbnail
+QTYPES = ("colour", "shape", "count", "digit", "spatial")
+SPLITS = ("train", "val", "test")
+# Salts of the per-split random streams: a seed means a different scene in each split.
+_SPLIT_KEYS = {"train": 0x5EED_0001, "val": 0x5EED_0002, "test": 0x5EED_0003}
+
+# Named colours and their RGB; well apart, so a colour name is never ambiguous.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 35, 35),
+    "green": (35, 155, 50),
+    "blue": (35, 70, 215),
+    "yellow": (235, 205, 30),
+    "purple": (135, 45, 165),
+    "orange": (245, 130, 20),
+    "gray": (120, 120, 120),
+}
+SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross", "hexagon")
+# Shapes roomy enough to hold a printed digit.
+DIGIT_SHAPES = ("circle", "square", "diamond", "hexagon")
+DIGITS = tuple("0123456789")
+MAX_COUNT = 4  # count questions ask about 1..MAX_COUNT objects
+RELATIONS = {"left of": (-1, 0), "right of": (1, 0), "above": (0, -1), "below": (0, 1)}
+
+_OBJECT_SIZES = (52, 84)  # object side in px, inclusive range
+_OBJECTS_PER_IMAGE = (3, 6)  # inclusive range
+MAX_OBJECTS = _OBJECTS_PER_IMAGE[1]  # the most objects one image holds
+_GAP = 10  # px kept free between object boxes
+_COLOUR_JITTER = 10  # +- per RGB channel, so colours are not one exact value
+_DIGIT_PROBABILITY = 0.5  # chance that a roomy distractor shape carries a digit
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    """One drawn object."""
+
+    shape: str  # one of SHAPES
+    colour: str  # one of COLOURS
+    box: tuple[int, int, int, int]  # (x0, y0, x1, y1) in px, half-open
+    digit: str | None  # the digit printed inside, if any
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        return ((self.box[0] + self.box[2]) / 2, (self.box[1] + self.box[3]) / 2)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One image, one question about it, and its answer."""
+
+    image: Image.Image  # RGB, IMAGE_SIZE x IMAGE_SIZE
+    question: str  # English question ending in "?"
+    answer: str  # one word or digit, lower case
+    qtype: str  # one of QTYPES
+    region: tuple[int, int, int, int]  # (x0, y0, x1, y1): the object(s) the answer depends on
+    objects: tuple[SceneObject, ...]  # everything drawn, in drawing order
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, surrounding space and trailing periods removed, inner whitespace collapsed."""
+    return " ".join(text.strip().lower().rstrip(".").split())
+
+
+def exact_match(prediction: str, truth: str) -> bool:
+    """True when the two answers are equal after ``normalize_answer``."""
+    return normalize_answer(prediction) == normalize_answer(truth)
+
+
+def example_rng(seed: int | Sequence[int], split: str) -> np.random.Generator:
+    """The random stream of one example: the seed salted with the split's key."""
+    if split not in _SPLIT_KEYS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    key = [int(seed)] if isinstance(seed, (int, np.integer)) else [int(s) for s in seed]
+    if any(k < 0 for k in key):
+        raise ValueError(f"seeds must be non-negative, got {seed!r}")
+    return np.random.default_rng([_SPLIT_KEYS[split], *key])
+
+
+def make_example(
+    seed_or_rng: int | Sequence[int] | np.random.Generator, split: str = "train", level: float = 1.0
+) -> Example:
+    """One example, a pure function of the seed (salted by ``split``) or of the given generator.
+
+    ``level`` in [0, 1] is for a training curriculum only: below 1 the image holds fewer,
+    bigger objects (``scene_limits``); every split is defined at level 1.
+    """
+    rng = seed_or_rng if isinstance(seed_or_rng, np.random.Generator) else example_rng(seed_or_rng, split)
+    limits = scene_limits(level)
+    qtype = QTYPES[int(rng.integers(len(QTYPES)))]
+    while True:  # a planted scene can fail to fit or to be unambiguous; draw again from the same stream
+        planted = _ASK[qtype](rng, limits)
+        if planted is not None:
+            objects, question, answer, region = planted
+            return Example(render(objects, rng), question, answer, qtype, region, objects)
+
+
+@dataclass(frozen=True)
+class SceneLimits:
+    """How crowded a scene may be and how big its objects are."""
+
+    max_objects: int  # most objects drawn (spatial questions draw at least 2)
+    min_size: int  # smallest object side in px
+    max_size: int  # largest object side in px
+
+
+def scene_limits(level: float) -> SceneLimits:
+    """Limits at a curriculum level: 0 is one object of 150-200 px, 1 the standard 3-6 of 52-84 px."""
+    if not 0.0 <= level <= 1.0:
+        raise ValueError(f"level must be in [0, 1], got {level}")
+    lo, hi = _OBJECT_SIZES
+    return SceneLimits(
+        max_objects=1 + round(level * (MAX_OBJECTS - 1)),
+        min_size=round(150 + level * (lo - 150)),
+        max_size=round(200 + level * (hi - 200)),
+    )
+
+
+def dataset(split: str, n: int, seed: int = 0) -> list[Example]:
+    """The first ``n`` examples of a split; example i is ``make_example((seed, i), split)``."""
+    return list(iter_dataset(split, n, seed))
+
+
+def iter_dataset(split: str, n: int, seed: int = 0, start: int = 0, level: float = 1.0) -> Iterator[Example]:
+    """Examples ``start .. start + n - 1`` of a split, one at a time (``level``: see ``make_example``)."""
+    for index in range(start, start + n):
+        yield make_example((seed, index), split, level)
+
+
+def vocabulary_corpus() -> list[str]:
+    """Sentences that hold every word of every question and answer, for training a tokenizer."""
+    colours, shapes = list(COLOURS), list(SHAPES)
+    lines = [f"What colour is the {s}? {c}" for s in shapes for c in colours]
+    lines += [f"What shape is the {c} object? {s}" for c in colours for s in shapes]
+    lines += [f"How many {c} objects are there? {n}" for c in colours for n in range(1, MAX_COUNT + 1)]
+    lines += [f"What digit is inside the {c} {s}? {d}" for c in colours for s in DIGIT_SHAPES for d in DIGITS]
+    lines += [f"What shape is {r} the {c} {s}? {s}" for r in RELATIONS for c in colours for s in shapes]
+    # Answers open the assistant turn with no leading space; repeated, since BPE merges only pairs seen twice.
+    lines += [*colours, *shapes, *DIGITS] * 3
+    return lines
+
+
+# ---------------------------------------------------------------------------
+# Scenes planted for each question type
+# ---------------------------------------------------------------------------
+
+Planted = tuple[tuple[SceneObject, ...], str, str, tuple[int, int, int, int]]
+
+
+def _ask_colour(rng: np.random.Generator, limits: SceneLimits) -> Planted | None:
+    shape = _pick(rng, SHAPES)
+    target = _spec(rng, limits, shape=shape)
+    others = [
+        _spec(rng, limits, shapes=[s for s in SHAPES if s != shape]) for _ in range(_n_others(rng, limits))
+    ]
+    objects = _place(rng, [target, *others])
+    if objects is None:
+        return None
+    return objects, f"What colour is the {shape}?", objects[0].colour, objects[0].box
+
+
+def _ask_shape(rng: np.random.Generator, limits: SceneLimits) -> Planted | None:
+    colour = _pick(rng, COLOURS)
+    target = _spec(rng, limits, colour=colour)
+    others = [
+        _spec(rng, limits, colours=[c for c in COLOURS if c != colour]) for _ in range(_n_others(rng, limits))
+    ]
+    objects = _place(rng, [target, *others])
+    if objects is None:
+        return None
+    return objects, f"What shape is the {colour} object?", objects[0].shape, objects[0].box
+
+
+def _ask_count(rng: np.random.Generator, limits: SceneLimits) -> Planted | None:
+    colour = _pick(rng, COLOURS)
+    count = min(int(rng.integers(1, MAX_COUNT + 1)), limits.max_objects)
+    n_total = min(
+        max(count + 1, int(rng.integers(_OBJECTS_PER_IMAGE[0], _OBJECTS_PER_IMAGE[1] + 1))),
+        limits.max_objects,
+    )
+    counted = [_spec(rng, limits, colour=colour) for _ in range(count)]
+    others = [_spec(rng, limits, colours=[c for c in COLOURS if c != colour]) for _ in range(n_total - count)]
+    objects = _place(rng, [*counted, *others])
+    if objects is None:
+        return None
+    boxes = np.array([o.box for o in objects[:count]])
+    region = (*boxes[:, :2].min(axis=0).tolist(), *boxes[:, 2:].max(axis=0).tolist())
+    return objects, f"How many {colour} objects are there?", str(count), tuple(region)
+
+
+def _ask_digit(rng: np.random.Generator, limits: SceneLimits) -> Planted | None:
+    colour, shape = _pick(rng, COLOURS), _pick(rng, DIGIT_SHAPES)
+    target = _spec(rng, limits, colour=colour, shape=shape, digit=_pick(rng, DIGITS))
+    others = []
+    for _ in range(_n_others(rng, limits)):  # any object but another (colour, shape) twin of the target
+        other = _spec(rng, limits)
+        while (other["colour"], other["shape"]) == (colour, shape):
+            other = _spec(rng, limits)
+        others.append(other)
+    objects = _place(rng, [target, *others])
+    if objects is None:
+        return None
+    return objects, f"What digit is inside the {colour} {shape}?", objects[0].digit, objects[0].box
+
+
+def _ask_spatial(rng: np.random.Generator, limits: SceneLimits) -> Planted | None:
+    colour, shape = _pick(rng, COLOURS), _pick(rng, SHAPES)
+    relation = _pick(rng, RELATIONS)
+    reference = _spec(rng, limits, colour=colour, shape=shape)
+    others = []
+    for _ in range(max(1, _n_others(rng, limits))):  # the reference needs a neighbour
+        other = _spec(rng, limits)
+        while (other["colour"], other["shape"]) == (colour, shape):
+            other = _spec(rng, limits)
+        others.append(other)
+    objects = _place(rng, [reference, *others])
+    if objects is None:
+        return None
+    in_cone = [o for o in objects[1:] if _in_direction(objects[0], o, RELATIONS[relation])]
+    if len(in_cone) != 1:  # none or several: the question would have no single answer
+        return None
+    answer = in_cone[0]
+    return objects, f"What shape is {relation} the {colour} {shape}?", answer.shape, answer.box
+
+
+_ASK = {
+    "colour": _ask_colour,
+    "shape": _ask_shape,
+    "count": _ask_count,
+    "digit": _ask_digit,
+    "spatial": _ask_spatial,
+}
+
+
+def _in_direction(reference: SceneObject, other: SceneObject, direction: tuple[int, int]) -> bool:
+    """``other`` lies in the 90-degree cone around ``direction`` from ``reference``, with a margin."""
+    (rx, ry), (ox, oy) = reference.centre, other.centre
+    along = (ox - rx) * direction[0] + (oy - ry) * direction[1]
+    across = abs((ox - rx) * direction[1] - (oy - ry) * direction[0])
+    return along > 0 and along > across + 12  # 12 px: nothing sits on the cone's edge
+
+
+# ---------------------------------------------------------------------------
+# Object specs, placement and drawing
+# ---------------------------------------------------------------------------
+
+
+def _pick(rng: np.random.Generator, options) -> str:
+    options = list(options)
+    return options[int(rng.integers(len(options)))]
+
+
+def _n_others(rng: np.random.Generator, limits: SceneLimits) -> int:
+    return min(int(rng.integers(_OBJECTS_PER_IMAGE[0], _OBJECTS_PER_IMAGE[1] + 1)), limits.max_objects) - 1
+
+
+def _spec(
+    rng: np.random.Generator,
+    limits: SceneLimits,
+    colour: str | None = None,
+    shape: str | None = None,
+    digit: str | None = None,
+    colours: Sequence[str] = tuple(COLOURS),
+    shapes: Sequence[str] = SHAPES,
+) -> dict:
+    """An object not yet placed: colour, shape, digit (random where not given) and size."""
+    shape = shape or _pick(rng, shapes)
+    colour = colour or _pick(rng, colours)
+    if digit is None and shape in DIGIT_SHAPES and rng.random() < _DIGIT_PROBABILITY:
+        digit = _pick(rng, DIGITS)
+    size = int(rng.integers(limits.min_size, limits.max_size + 1))
+    return {"colour": colour, "shape": shape, "digit": digit, "size": size}
+
+
+def _place(rng: np.random.Generator, specs: list[dict], tries: int = 60) -> tuple[SceneObject, ...] | None:
+    """Non-overlapping boxes for ``specs`` in order, or None when one does not fit."""
+    placed: list[SceneObject] = []
+    for spec in specs:
+        size = spec["size"]
+        for _ in range(tries):
+            x0 = int(rng.integers(_GAP, IMAGE_SIZE - size - _GAP + 1))
+            y0 = int(rng.integers(_GAP, IMAGE_SIZE - size - _GAP + 1))
+            box = (x0, y0, x0 + size, y0 + size)
+            if all(_apart(box, other.box) for other in placed):
+                placed.append(SceneObject(spec["shape"], spec["colour"], box, spec["digit"]))
+                break
+        else:
+            return None
+    return tuple(placed)
+
+
+def _apart(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+    return a[2] + _GAP <= b[0] or b[2] + _GAP <= a[0] or a[3] + _GAP <= b[1] or b[3] + _GAP <= a[1]
+
+
+def render(objects: Sequence[SceneObject], rng: np.random.Generator) -> Image.Image:
+    """Draw ``objects`` on a light background with slightly jittered colours."""
+    level = int(rng.integers(228, 250))
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (level, level, level))
+    draw = ImageDraw.Draw(image)
+    for obj in objects:
+        base = np.array(COLOURS[obj.colour])
+        rgb = tuple(
+            int(v) for v in np.clip(base + rng.integers(-_COLOUR_JITTER, _COLOUR_JITTER + 1, 3), 0, 255)
+        )
+        _draw_shape(draw, obj.shape, obj.box, rgb)
+        if obj.digit is not None:
+            _draw_digit(draw, obj, rgb)
+    return image
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], rgb) -> None:
+    x0, y0, x1, y1 = box[0], box[1], box[2] - 1, box[3] - 1  # PIL boxes are inclusive
+    cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2
+    if shape == "circle":
+        draw.ellipse((x0, y0, x1, y1), fill=rgb)
+    elif shape == "square":
+        inset = r * 0.12  # a square as wide as a circle looks bigger; keep the areas comparable
+        draw.rectangle((x0 + inset, y0 + inset, x1 - inset, y1 - inset), fill=rgb)
+    elif shape == "triangle":
+        draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=rgb)
+    elif shape == "diamond":
+        draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=rgb)
+    elif shape == "hexagon":
+        draw.regular_polygon((cx, cy, r), 6, fill=rgb)
+    elif shape == "star":
+        points = [
+            (cx + (r if k % 2 == 0 else r * 0.45) * math.sin(k * math.pi / 5),
+             cy - (r if k % 2 == 0 else r * 0.45) * math.cos(k * math.pi / 5))
+            for k in range(10)
+        ]  # fmt: skip
+        draw.polygon(points, fill=rgb)
+    elif shape == "cross":
+        arm = r * 0.36
+        draw.rectangle((cx - arm, y0, cx + arm, y1), fill=rgb)
+        draw.rectangle((x0, cy - arm, x1, cy + arm), fill=rgb)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+
+
+def _draw_digit(draw: ImageDraw.ImageDraw, obj: SceneObject, rgb) -> None:
+    # White on dark fills, black on light ones (yellow, orange), so the digit always shows.
+    luminance = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+    ink = (0, 0, 0) if luminance > 140 else (255, 255, 255)
+    size = obj.box[2] - obj.box[0]
+    draw.text(obj.centre, obj.digit, fill=ink, font=_font(int(size * 0.55)), anchor="mm")
+
+
+@lru_cache(maxsize=64)
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    # Pillow >= 10.1 ships a scalable default font; no font file from outside.
+    return ImageFont.load_default(size=size)
