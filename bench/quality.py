@@ -1,0 +1,653 @@
+"""Quality: what pruning keeps of the large model's accuracy, and what the SEE cascade saves.
+
+On the first ``--n`` examples of the synthetic test split (``stitchvlm.shared.synthetic``,
+exact match, greedy, ``--max-new-tokens`` 4), in one process:
+
+- **large**: the large checkpoint, unpruned (``SGPModel`` with no kept set);
+- **small**: the small checkpoint through its ONNX export (``EdgeModel``, CPU EP);
+- the large model with ``R`` of its visual tokens kept from layer ``K`` on
+  (``SGPModel``, ``--prune-layer``, default 2), R in 64%, 35%, 9%, the kept set
+  chosen by:
+  - **sgp**: the small model's score ``A = A^P + sum A^D`` from its greedy
+    generation on ONNX Runtime (what the edge sends), top-R;
+  - **sgp_prefill**: the small model's prefill-only score ``A^P`` (the
+    prefill pass's in-graph score over the visual span), top-R;
+  - **sgp_k0**: ``A`` as sgp, pruned before the first layer (K = 0);
+  - **fastv**: the large model's OWN attention at layer ``K - 1`` of the
+    prompt pass: the mean over heads of the LAST prompt position's attention
+    on each visual token (FastV's ranking, as its reference implementation
+    does it), top-R, pruned from layer K;
+  - **random**: seeded uniform scores (one draw per example, so the kept sets
+    are nested across R), top-R;
+  - **oracle**: the large model's own global attention, ``A``'s definition
+    computed from the large model's full generation (one eager teacher-forced
+    pass over prompt + generated answer with ``output_attentions``; by
+    causality the same probabilities as prefill + decode steps).
+- **SEE cascade**: for every threshold tau (each distinct gate value, so the
+  sweep is exact), exit rate = share with ``gate >= tau``; cascade accuracy =
+  the small model's answer when it exits, else large + sgp at
+  ``--cascade-retention`` (default 9%, the SDK default; the unpruned large
+  model as a second reference); gates: combined ``S = (S_conf + S_cons)/2``,
+  confidence only, consistency only. ``exit_rate_at_1pt``: the highest exit
+  rate of the combined gate whose cascade accuracy is at least large - 1 point.
+- **relative compute** = (small cost + (1 - exit rate) x pruned-large cost) /
+  unpruned-large cost. Costs are FLOPs counted with
+  ``torch.utils.flop_counter.FlopCounterMode`` on the first example (all test
+  images have one size, so every example has the same |V|): vision tower +
+  prompt (prefill) pass; for the small model also its S_cons pass (prompt with
+  the top r_c tokens, K = 0). Decode steps (1-2 tokens here) are left out.
+
+Writes ``--out``/quality.md (tables), quality_retention.png, quality_see.png and
+quality_records.json (every answer); progress on stderr; the last stdout line
+is one JSON object. It neither trains nor exports by itself (the ONNX export is
+``stitch-export``'s, cached as the demo caches it).
+
+    python bench/quality.py                       # the embedded pair, n = 300
+    python bench/quality.py --n 40 --small DIR --large DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import InternVLForConditionalGeneration
+
+from stitchvlm.cloud.sgp import SGPModel, kept_sequence_positions
+from stitchvlm.edge.demo import (
+    EMBEDDED_LARGE,
+    EMBEDDED_SMALL,
+    default_cache_dir,
+    embedded_model_dir,
+    ensure_export,
+)
+from stitchvlm.edge.gate import DEFAULT_CONSISTENCY_RETENTION, consistency_probs
+from stitchvlm.edge.runtime import CPU, EdgeGeneration, EdgeModel
+from stitchvlm.shared.model_files import ModelFiles
+from stitchvlm.shared.preprocess import preprocess_image
+from stitchvlm.shared.prompt import PromptIds, build_prompt, decode_answer
+from stitchvlm.shared.scoring import confidence_score, consistency_score, keep_count, top_r_indices
+from stitchvlm.shared.synthetic import QTYPES, Example, exact_match, iter_dataset
+
+RETENTIONS = (0.64, 0.35, 0.09)
+# method -> what the table calls it; every method runs at every R in RETENTIONS
+PRUNED_METHODS = {
+    "sgp": "SGP: small model's A, K",
+    "sgp_prefill": "SGP: small model's A^P only, K",
+    "sgp_k0": "SGP: small model's A, K = 0",
+    "fastv": "FastV: large model's layer K-1 attention, K",
+    "random": "random tokens, K",
+    "oracle": "oracle: large model's own A, K",
+}
+GATES = ("combined", "confidence", "consistency")
+CURVE = ("tau", "exit_rate", "accuracy", "relative_compute")  # what a SEE curve lists per point
+
+
+def progress(message: str) -> None:
+    print(f"[quality] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    """One benchmark run."""
+
+    small_dir: Path  # small checkpoint (exported to ONNX for the edge runtime)
+    large_dir: Path  # large checkpoint (PyTorch)
+    n: int = 300  # test examples: the first n of the test split
+    seed: int = 0  # test split seed
+    prune_layer: int = 2  # K of the pruned large model (>= 1: FastV needs layer K - 1)
+    cascade_retention: float = 0.09  # R of the escalated requests in the SEE sweep
+    consistency_retention: float = DEFAULT_CONSISTENCY_RETENTION  # r_c of S_cons
+    max_new_tokens: int = 4  # answers are one word or digit plus EOS
+    random_seed: int = 0  # seed of the random-token baseline
+    out_dir: Path = Path("bench/results")  # tables, plots, records
+    cache_dir: Path | None = None  # ONNX export cache; None: the demo's default
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.prune_layer < 1:
+            raise ValueError("prune_layer must be >= 1: FastV ranks by the attention of layer K - 1")
+        if self.cascade_retention not in RETENTIONS:
+            raise ValueError(f"cascade_retention must be one of {RETENTIONS}")
+
+
+def key(method: str, retention: float) -> str:
+    """``sgp``, 0.09 -> ``sgp_r9``: the name of one (method, R) column."""
+    return f"{method}_r{round(100 * retention)}"
+
+
+# ----------------------------------------------------------------------------- pure pieces
+
+
+def fastv_scores(layer_attention: np.ndarray, query: int, visual_start: int, visual_end: int) -> np.ndarray:
+    """FastV's ranking: the mean over heads of query ``query``'s attention on each visual token.
+
+    layer_attention: [heads, T, T] softmax probabilities of layer K - 1. Returns [|V|] float64.
+    """
+    return layer_attention[:, query, visual_start:visual_end].astype(np.float64).mean(axis=0)
+
+
+def global_attention_scores(attentions: np.ndarray, visual_start: int, visual_end: int) -> np.ndarray:
+    """DESIGN's score A from every layer's attention of one causal pass over prompt (+ answer).
+
+    attentions: [layers, heads, T, T]. Sums attn[l, h, q, v] over layers, heads and
+    every query q after the image (q >= visual_end). Returns [|V|] float64.
+    """
+    return attentions[:, :, visual_end:, visual_start:visual_end].astype(np.float64).sum(axis=(0, 1, 2))
+
+
+def random_scores(num_visual: int, random_seed: int, index: int) -> np.ndarray:
+    """Uniform scores [|V|] for example ``index``; one draw per example, so top-R sets are nested."""
+    return np.random.default_rng([random_seed, index]).random(num_visual)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """The SEE gate's exact threshold sweep over one run."""
+
+    taus: np.ndarray  # [m] thresholds, ascending; the last is +inf (nothing exits)
+    exit_rates: np.ndarray  # [m] share of examples with gate >= tau
+    accuracies: np.ndarray  # [m] cascade accuracy: small when exiting, else the escalated answer
+
+
+def sweep_thresholds(gate: np.ndarray, small_correct: np.ndarray, escalated_correct: np.ndarray) -> Sweep:
+    """Every distinct operating point: tau at each distinct gate value, then +inf.
+
+    gate, small_correct, escalated_correct: [n]. Exit when ``gate >= tau`` (the SDK's rule).
+    """
+    gate = np.asarray(gate, np.float64)
+    taus = np.append(np.unique(gate), np.inf)  # [m]
+    exits = gate[None, :] >= taus[:, None]  # [m, n]
+    correct = np.where(exits, np.asarray(small_correct, bool), np.asarray(escalated_correct, bool))  # [m, n]
+    return Sweep(taus=taus, exit_rates=exits.mean(axis=1), accuracies=correct.mean(axis=1))
+
+
+def best_exit_rate(sweep: Sweep, reference_accuracy: float, margin: float = 0.01) -> int | None:
+    """Index of the sweep point with the highest exit rate whose accuracy >= reference - margin.
+
+    None when no point gets there. A 1e-12 slack absorbs float rounding of "exactly one point below".
+    """
+    ok = sweep.accuracies >= reference_accuracy - margin - 1e-12  # [m]
+    if not ok.any():
+        return None
+    return int(np.flatnonzero(ok)[np.argmax(sweep.exit_rates[ok])])
+
+
+def relative_compute(exit_rate, small_cost: float, escalated_cost: float, reference_cost: float):
+    """(small + (1 - exit rate) x escalated) / reference: every question runs the small model,
+    the escalated share also the pruned large one; reference = the unpruned large model alone."""
+    return (small_cost + (1.0 - np.asarray(exit_rate, np.float64)) * escalated_cost) / reference_cost
+
+
+def count_flops(run: Callable[[], object]) -> int:
+    """FLOPs of ``run()`` as ``FlopCounterMode`` counts them (matmuls, convolutions, SDPA)."""
+    with FlopCounterMode(display=False) as counter:
+        run()
+    return int(counter.get_total_flops())
+
+
+# ----------------------------------------------------------------------------- the small model
+
+
+@dataclass(frozen=True)
+class SmallOutcome:
+    answer: str  # greedy answer on ONNX Runtime
+    s_conf: float  # SEE confidence
+    s_cons: float  # SEE consistency
+    scores: np.ndarray  # [|V|] A = A^P + sum A^D
+    prefill_scores: np.ndarray  # [|V|] A^P
+
+
+def prefill_scores(model: EdgeModel, gen: EdgeGeneration) -> np.ndarray:
+    """A^P of ``gen``: the in-graph score of one prefill pass over its prompt, queries after the image."""
+    prompt = gen.prompt
+    length, start, end = len(prompt.input_ids), prompt.visual_start, prompt.visual_end
+    embeds = model.embed(prompt.input_ids)  # [S, hidden]
+    embeds[start:end] = gen.image_embeds
+    query_mask = (np.arange(length) >= end).astype(np.float32)  # [S]
+    step = model.decode(
+        embeds[None], np.arange(length)[None], query_mask[None], model.empty_cache(), num_logits=1
+    )
+    return step.visual_scores[0, start:end].astype(np.float64)
+
+
+def run_small(model: EdgeModel, example: Example, config: QualityConfig) -> SmallOutcome:
+    gen = model.generate(example.image, example.question, config.max_new_tokens)
+    return SmallOutcome(
+        answer=gen.text,
+        s_conf=confidence_score(gen.token_probs),
+        s_cons=consistency_score(consistency_probs(model, gen, config.consistency_retention)),
+        scores=gen.visual_scores,
+        prefill_scores=prefill_scores(model, gen),
+    )
+
+
+# ----------------------------------------------------------------------------- the large model
+
+
+@dataclass(frozen=True, eq=False)
+class LargeInput:
+    """One example ready for the large model."""
+
+    prompt: PromptIds
+    inputs_embeds: torch.Tensor  # [1, S, hidden] with the image features spliced in
+
+
+class TorchVLM:
+    """A checkpoint in PyTorch with eager attention (its probabilities feed FastV and the oracle)."""
+
+    def __init__(self, model_dir: Path, prune_layer: int):
+        self.files = ModelFiles.load(model_dir)
+        model = InternVLForConditionalGeneration.from_pretrained(
+            model_dir, attn_implementation="eager", local_files_only=True
+        ).eval()
+        self.sgp = SGPModel(model, prune_layer)  # pruned from layer K
+        self.sgp_k0 = SGPModel(model, 0)  # pruned before the first layer
+        self.model = model
+        self.prune_layer = self.sgp.prune_layer
+
+    def prepare(self, example: Example) -> LargeInput:
+        pixel_values, layout = preprocess_image(example.image, self.files.tiling)
+        prompt = build_prompt(self.files, example.question, layout.num_visual_tokens)
+        features = self.sgp.image_features(torch.from_numpy(pixel_values))
+        return LargeInput(prompt, self.sgp.embed(torch.from_numpy(prompt.input_ids), features))
+
+    def keep_positions(self, inp: LargeInput, keep_visual: np.ndarray | None) -> torch.Tensor | None:
+        if keep_visual is None:
+            return None
+        prompt = inp.prompt
+        return kept_sequence_positions(
+            len(prompt.input_ids),
+            prompt.visual_start,
+            prompt.num_visual_tokens,
+            torch.from_numpy(keep_visual),
+        )
+
+    def generate(self, inp: LargeInput, keep_visual: np.ndarray | None, max_new_tokens: int, k0=False):
+        """Greedy token ids with ``keep_visual`` (ascending visual indices; None = all) from layer K (or 0)."""
+        sgp = self.sgp_k0 if k0 else self.sgp
+        keep = self.keep_positions(inp, keep_visual)
+        return sgp.generate(inp.inputs_embeds, keep, max_new_tokens, self.files.eos_token_ids).token_ids
+
+    @torch.inference_mode()
+    def attention_scores(self, inp: LargeInput, answer: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(FastV scores, oracle scores), each [|V|], from one eager pass over prompt + answer[:-1]."""
+        prompt = inp.prompt
+        fed = torch.tensor(list(answer[:-1]), dtype=torch.long)[None]  # [1, N-1]
+        embeds = torch.cat([inp.inputs_embeds, self.model.model.language_model.embed_tokens(fed)], dim=1)
+        out = self.model.model.language_model(inputs_embeds=embeds, output_attentions=True)
+        attentions = torch.cat(out.attentions).float().numpy()  # [layers, heads, T, T]
+        last_prompt = len(prompt.input_ids) - 1
+        fastv = fastv_scores(
+            attentions[self.prune_layer - 1], last_prompt, prompt.visual_start, prompt.visual_end
+        )
+        return fastv, global_attention_scores(attentions, prompt.visual_start, prompt.visual_end)
+
+
+# ----------------------------------------------------------------------------- one example
+
+
+def evaluate_example(
+    index: int, example: Example, edge: EdgeModel, large: TorchVLM, config: QualityConfig
+) -> dict:
+    """Every method's answer to one example, the gate's scores and the truth."""
+    small = run_small(edge, example, config)
+    inp = large.prepare(example)
+    answers = {"small": small.answer}
+    full = large.generate(inp, None, config.max_new_tokens)
+    answers["large"] = decode_answer(large.files, full)
+    fastv, oracle = large.attention_scores(inp, full)
+    ranked = {
+        "sgp": small.scores,
+        "sgp_prefill": small.prefill_scores,
+        "sgp_k0": small.scores,
+        "fastv": fastv,
+        "random": random_scores(len(small.scores), config.random_seed, index),
+        "oracle": oracle,
+    }
+    for method, scores in ranked.items():
+        for retention in RETENTIONS:
+            keep = top_r_indices(scores, retention)
+            ids = large.generate(inp, keep, config.max_new_tokens, k0=method == "sgp_k0")
+            answers[key(method, retention)] = decode_answer(large.files, ids)
+    return {
+        "index": index,
+        "qtype": example.qtype,
+        "question": example.question,
+        "truth": example.answer,
+        "s_conf": small.s_conf,
+        "s_cons": small.s_cons,
+        "answers": answers,
+        "correct": {name: exact_match(text, example.answer) for name, text in answers.items()},
+    }
+
+
+def measure_costs(example: Example, large: TorchVLM, config: QualityConfig) -> dict[str, float]:
+    """FLOPs of the small model's edge work and of the large model unpruned and at each R."""
+    inp = large.prepare(example)
+    pixels = torch.from_numpy(preprocess_image(example.image, large.files.tiling)[0])
+    num_visual = inp.prompt.num_visual_tokens
+    vision = count_flops(lambda: large.sgp.image_features(pixels))
+    costs = {"large": vision + count_flops(lambda: large.sgp.prefill(inp.inputs_embeds, None))}
+    for retention in RETENTIONS:
+        keep = large.keep_positions(inp, np.arange(keep_count(retention, num_visual)))
+        costs[key("sgp", retention)] = vision + count_flops(
+            lambda k=keep: large.sgp.prefill(inp.inputs_embeds, k)
+        )
+    small = TorchVLM(config.small_dir, prune_layer=1)  # the ONNX graphs' PyTorch twin, for counting only
+    s_inp = small.prepare(example)
+    s_pixels = torch.from_numpy(preprocess_image(example.image, small.files.tiling)[0])
+    r_c = keep_count(config.consistency_retention, s_inp.prompt.num_visual_tokens)
+    consistency = small.keep_positions(s_inp, np.arange(r_c))
+    costs["small"] = (
+        count_flops(lambda: small.sgp.image_features(s_pixels))
+        + count_flops(lambda: small.sgp.prefill(s_inp.inputs_embeds, None))
+        + count_flops(lambda: small.sgp_k0.prefill(s_inp.inputs_embeds, consistency))
+    )
+    return {name: float(value) for name, value in costs.items()}
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def summarize(records: Sequence[dict], costs: dict[str, float], config: QualityConfig) -> dict:
+    """Accuracies, per question type, the three gates' sweeps and their best points at 1 point."""
+    names = list(records[0]["correct"])
+    correct = {name: np.array([r["correct"][name] for r in records]) for name in names}  # each [n]
+    accuracy = {name: float(c.mean()) for name, c in correct.items()}
+    qtypes = np.array([r["qtype"] for r in records])
+    per_qtype = {
+        name: {q: float(correct[name][qtypes == q].mean()) for q in QTYPES if (qtypes == q).any()}
+        for name in names
+    }
+    s_conf = np.array([r["s_conf"] for r in records])
+    s_cons = np.array([r["s_cons"] for r in records])
+    gates = {"combined": (s_conf + s_cons) / 2, "confidence": s_conf, "consistency": s_cons}
+    escalated = key("sgp", config.cascade_retention)
+    see = {}
+    for gate, values in gates.items():
+        for label, target in (("pruned", escalated), ("unpruned", "large")):
+            sweep = sweep_thresholds(values, correct["small"], correct[target])
+            compute = relative_compute(sweep.exit_rates, costs["small"], costs[target], costs["large"])
+            best = best_exit_rate(sweep, accuracy["large"])
+            columns = (sweep.taus, sweep.exit_rates, sweep.accuracies, compute)
+            curve = {name: [float(v) for v in column] for name, column in zip(CURVE, columns, strict=True)}
+            curve["best"] = None if best is None else {name: curve[name][best] for name in CURVE}
+            see[f"{gate}/{label}"] = curve
+    return {"n": len(records), "accuracy": accuracy, "per_qtype": per_qtype, "see": see, "costs": costs}
+
+
+def headline(summary: dict, config: QualityConfig, seconds: float) -> dict:
+    """The last stdout line: accuracies by column name and the exit rates at 1 point."""
+    out = {"n": summary["n"], **{k: round(v, 4) for k, v in summary["accuracy"].items()}}
+    best = {name: curve["best"] or {} for name, curve in summary["see"].items()}  # {} where none gets there
+    for gate in GATES:
+        name = "exit_rate_at_1pt" if gate == "combined" else f"exit_rate_at_1pt_{gate}"
+        out[name] = best[f"{gate}/pruned"].get("exit_rate")
+    out["relative_compute_at_1pt"] = best["combined/pruned"].get("relative_compute")
+    out["exit_rate_at_1pt_unpruned"] = best["combined/unpruned"].get("exit_rate")
+    out["cascade_retention"] = config.cascade_retention
+    out["prune_layer"] = config.prune_layer
+    out["seconds"] = round(seconds, 1)
+    return out
+
+
+# ----------------------------------------------------------------------------- tables and plots
+
+TAU_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def at_tau(curve: dict, tau: float) -> int:
+    """Index of the sweep point that threshold ``tau`` lands on (gate >= tau <=> gate >= next distinct value)."""
+    return int(np.searchsorted(np.asarray(curve["tau"]), tau, side="left"))
+
+
+def pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}"
+
+
+def markdown(summary: dict, config: QualityConfig, meta: dict) -> str:
+    acc, large = summary["accuracy"], summary["accuracy"]["large"]
+    k = config.prune_layer
+    lines = [
+        "# Quality on the synthetic test split",
+        "",
+        f"n = {summary['n']} (test split, seed {config.seed}); small = `{config.small_dir.name}` on ONNX Runtime "
+        f"(CPU EP), large = `{config.large_dir.name}` in PyTorch (eager attention); greedy, exact match, "
+        f"max {config.max_new_tokens} new tokens; K = {k}. `bench/quality.py`, {meta['date']}, "
+        f"{meta['seconds'] / 60:.1f} min.",
+        "",
+        "| model | accuracy % |",
+        "| --- | ---: |",
+        f"| large, all visual tokens | {pct(large)} |",
+        f"| small, all visual tokens | {pct(acc['small'])} |",
+        "",
+        "## Large model with R of its visual tokens",
+        "",
+        "Accuracy %, in parentheses the share of the unpruned large model's accuracy.",
+        "",
+        "| kept tokens chosen by | " + " | ".join(f"R = {round(100 * r)}%" for r in RETENTIONS) + " |",
+        "| --- | " + " | ".join("---:" for _ in RETENTIONS) + " |",
+    ]
+    for method, label in PRUNED_METHODS.items():
+        cells = []
+        for r in RETENTIONS:
+            value = acc[key(method, r)]
+            share = f" ({100 * value / large:.0f}%)" if large > 0 else ""
+            cells.append(f"{pct(value)}{share}")
+        label = label if label.endswith("K = 0") else label.replace(", K", f", K = {k}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", *verdict(acc), "", "## Per question type at R = 9%", ""]
+    shown = ["large", "small", key("sgp", 0.09), key("fastv", 0.09), key("random", 0.09), key("oracle", 0.09)]
+    present = [q for q in QTYPES if q in summary["per_qtype"]["large"]]
+    lines += ["| | " + " | ".join(present) + " |", "| --- | " + " | ".join("---:" for _ in present) + " |"]
+    for name in shown:
+        per = summary["per_qtype"][name]
+        lines.append(f"| {name} | " + " | ".join(pct(per.get(q)) for q in present) + " |")
+    lines += see_markdown(summary, config)
+    return "\n".join(lines) + "\n"
+
+
+def verdict(acc: dict) -> list[str]:
+    """One honest sentence per retention: does SGP beat FastV and random here?"""
+    lines = []
+    for r in RETENTIONS:
+        sgp, fastv, rand = acc[key("sgp", r)], acc[key("fastv", r)], acc[key("random", r)]
+        relation = "beats" if sgp > fastv else ("ties with" if sgp == fastv else "does NOT beat")
+        lines.append(
+            f"- R = {round(100 * r)}%: SGP {pct(sgp)} {relation} FastV {pct(fastv)} "
+            f"(random {pct(rand)}, oracle {pct(acc[key('oracle', r)])}, A^P only {pct(acc[key('sgp_prefill', r)])})."
+        )
+    return lines
+
+
+def see_markdown(summary: dict, config: QualityConfig) -> list[str]:
+    costs, see = summary["costs"], summary["see"]
+    r = config.cascade_retention
+    lines = [
+        "",
+        f"## SEE cascade: small on the edge, else large + SGP at R = {round(100 * r)}%, K = {config.prune_layer}",
+        "",
+        "Exit when gate >= tau. Relative compute = (small + (1 - exit rate) x pruned large) / unpruned large,",
+        "costs in FLOPs (FlopCounterMode; vision + prompt pass, and the small model's S_cons pass; decode left out):",
+        f"small {costs['small'] / 1e9:.3f} GFLOP, large {costs['large'] / 1e9:.3f}, "
+        + ", ".join(f"large at R = {round(100 * q)}% {costs[key('sgp', q)] / 1e9:.3f}" for q in RETENTIONS)
+        + ".",
+        "",
+        f"Highest exit rate with cascade accuracy >= large - 1 point "
+        f"({pct(max(0.0, summary['accuracy']['large'] - 0.01))}):",
+        "",
+        "| gate | escalate to | tau | exit rate % | cascade accuracy % | relative compute |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, curve in see.items():
+        gate, target = name.split("/")
+        best = curve["best"]
+        where = f"large + SGP {round(100 * r)}%" if target == "pruned" else "large, all tokens"
+        if best is None:
+            lines.append(f"| {gate} | {where} | — | none reaches it | — | — |")
+        else:
+            lines.append(
+                f"| {gate} | {where} | {best['tau']:.4g} | {pct(best['exit_rate'])} "
+                f"| {pct(best['accuracy'])} | {best['relative_compute']:.3f} |"
+            )
+    lines += ["", "Fixed thresholds (escalations pruned):", ""]
+    lines += ["| tau | " + " | ".join(f"{g}: exit / acc / compute" for g in GATES) + " |"]
+    lines += ["| ---: | " + " | ".join("---" for _ in GATES) + " |"]
+    for tau in TAU_GRID:
+        cells = []
+        for gate in GATES:
+            curve = see[f"{gate}/pruned"]
+            i = at_tau(curve, tau)
+            cells.append(
+                f"{pct(curve['exit_rate'][i])} / {pct(curve['accuracy'][i])} / {curve['relative_compute'][i]:.3f}"
+            )
+        lines.append(f"| {tau:.1f} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot(summary: dict, config: QualityConfig, out_dir: Path) -> list[Path]:
+    """quality_retention.png (accuracy vs R) and quality_see.png (cascade accuracy vs exit rate / compute)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    acc = summary["accuracy"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    xs = [100 * r for r in RETENTIONS]
+    for method, label in PRUNED_METHODS.items():
+        ax.plot(xs, [100 * acc[key(method, r)] for r in RETENTIONS], marker="o", label=label.split(",")[0])
+    ax.axhline(100 * acc["large"], color="black", linestyle="--", label="large, all tokens")
+    ax.axhline(100 * acc["small"], color="gray", linestyle=":", label="small, all tokens")
+    ax.set(
+        xlabel="visual tokens kept, R %",
+        ylabel="accuracy %",
+        title=f"Large model pruned at K = {config.prune_layer}",
+    )
+    ax.set_xscale("log")
+    ax.set_xticks(xs, [f"{x:.0f}" for x in xs])
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths = [out_dir / "quality_retention.png"]
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
+    for gate in GATES:
+        curve = summary["see"][f"{gate}/pruned"]
+        left.step(
+            100 * np.array(curve["exit_rate"]), 100 * np.array(curve["accuracy"]), where="post", label=gate
+        )
+        right.plot(curve["relative_compute"], 100 * np.array(curve["accuracy"]), label=gate)
+    for axis in (left, right):
+        axis.axhline(100 * acc["large"], color="black", linestyle="--", label="large, all tokens")
+        axis.axhline(100 * acc["large"] - 1, color="black", linestyle=":", label="large - 1 point")
+        axis.set_ylabel("cascade accuracy %")
+        axis.legend(fontsize=7)
+    left.set(xlabel="exit rate % (answered on the edge)", title="SEE gates")
+    right.set(xlabel="compute relative to the unpruned large model (FLOPs)", title="Accuracy vs compute")
+    fig.tight_layout()
+    paths.append(out_dir / "quality_see.png")
+    fig.savefig(paths[1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def progress_line(records: Sequence[dict], n: int, seconds: float) -> str:
+    done = len(records)
+    seen = " ".join(
+        f"{m} {np.mean([r['correct'][m] for r in records]):.3f}" for m in ("large", "small", "sgp_r9")
+    )
+    return (
+        f"{done}/{n} {seen} ({seconds / done:.1f} s/example, {seconds / done * (n - done) / 60:.1f} min left)"
+    )
+
+
+def run(config: QualityConfig) -> dict:
+    """The whole benchmark; writes the outputs and returns the headline dict."""
+    started = time.perf_counter()
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    edge_dir = ensure_export(config.small_dir, config.cache_dir or default_cache_dir())
+    edge = EdgeModel.load(edge_dir, providers=[CPU])
+    large = TorchVLM(config.large_dir, config.prune_layer)
+    records, costs = [], None
+    for index, example in enumerate(iter_dataset("test", config.n, config.seed)):
+        if costs is None:
+            costs = measure_costs(example, large, config)
+        records.append(evaluate_example(index, example, edge, large, config))
+        if (index + 1) % 10 == 0 or index + 1 == config.n:
+            progress(progress_line(records, config.n, time.perf_counter() - started))
+    summary = summarize(records, costs, config)
+    seconds = time.perf_counter() - started
+    meta = {"date": time.strftime("%Y-%m-%d"), "seconds": seconds}
+    (config.out_dir / "quality.md").write_text(markdown(summary, config, meta))
+    (config.out_dir / "quality_records.json").write_text(
+        json.dumps(
+            {"config": {k: str(v) for k, v in asdict(config).items()}, "summary": summary, "records": records}
+        )
+    )
+    for path in plot(summary, config, config.out_dir):
+        progress(f"wrote {path}")
+    progress(f"wrote {config.out_dir / 'quality.md'}")
+    return headline(summary, config, seconds)
+
+
+def parse_args(argv: Sequence[str] | None) -> QualityConfig:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--small", type=Path, default=embedded_model_dir(EMBEDDED_SMALL), help="small checkpoint"
+    )
+    parser.add_argument(
+        "--large", type=Path, default=embedded_model_dir(EMBEDDED_LARGE), help="large checkpoint"
+    )
+    parser.add_argument("--n", type=int, default=300, help="test examples")
+    parser.add_argument("--seed", type=int, default=0, help="test split seed")
+    parser.add_argument("--prune-layer", type=int, default=2, help="K (>= 1)")
+    parser.add_argument("--cascade-retention", type=float, default=0.09, choices=RETENTIONS)
+    parser.add_argument("--max-new-tokens", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--cache", type=Path, default=None, help="ONNX export cache (default: the demo's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for flag, path in (("--small", args.small), ("--large", args.large)):
+        if not (path / "config.json").is_file():
+            parser.error(f"{flag} {path}: not a checkpoint directory")
+    try:
+        return QualityConfig(
+            small_dir=args.small,
+            large_dir=args.large,
+            n=args.n,
+            seed=args.seed,
+            prune_layer=args.prune_layer,
+            cascade_retention=args.cascade_retention,
+            max_new_tokens=args.max_new_tokens,
+            out_dir=args.out,
+            cache_dir=args.cache,
+        )
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_args(argv)
+    print(json.dumps(run(config)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""``bench/quality.py``: its pure pieces on hand-made numbers, its rankings against transformers, and
+a tiny end-to-end run.
+
+References: hand-computed FastV rows, score sums, threshold sweeps and compute
+ratios; ``InternVLForConditionalGeneration.generate(output_attentions=True)``
+with eager attention for FastV's and the oracle's rankings; a plain eager
+forward for the small model's prefill-only score A^P.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from transformers import InternVLForConditionalGeneration  # noqa: E402
+
+from stitchvlm.edge.export import ExportConfig, export_edge  # noqa: E402
+from stitchvlm.edge.runtime import CPU, EdgeModel  # noqa: E402
+from stitchvlm.shared.preprocess import preprocess_image  # noqa: E402
+from stitchvlm.shared.synthetic import dataset, exact_match  # noqa: E402
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "quality.py"
+
+
+def _load_quality():
+    spec = importlib.util.spec_from_file_location("stitch_bench_quality", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+quality = _load_quality()
+
+
+# ----------------------------------------------------------------------------- pure pieces
+
+
+def test_fastv_scores_take_the_last_query_of_one_layer_averaged_over_heads():
+    """Guards against FastV ranking by the wrong query row, summing instead of averaging heads,
+    or reading keys outside the visual span."""
+    heads, length, start, end = 2, 6, 1, 4
+    attention = np.arange(heads * length * length, dtype=np.float32).reshape(heads, length, length)
+    scores = quality.fastv_scores(attention, query=4, visual_start=start, visual_end=end)
+    # head 0 row 4 = 24..29, head 1 row 4 = 60..65; keys 1..3 -> (25+61)/2, (26+62)/2, (27+63)/2
+    np.testing.assert_array_equal(scores, [43.0, 44.0, 45.0])
+    assert scores.dtype == np.float64
+
+
+def test_global_attention_scores_sum_queries_after_the_image_only():
+    """Guards against the oracle counting visual or pre-image queries, or leaving out a layer."""
+    layers, heads, length, start, end = 2, 3, 5, 1, 3
+    attentions = np.zeros((layers, heads, length, length))
+    attentions[:, :, :end, start:end] = 100.0  # queries up to the image's end must not count
+    attentions[0, 0, 3, 1], attentions[1, 2, 4, 2], attentions[1, 1, 4, 1] = 0.5, 0.25, 0.125
+    attentions[:, :, 3:, 0] = 7.0  # a key outside the visual span
+    scores = quality.global_attention_scores(attentions, start, end)
+    np.testing.assert_array_equal(scores, [0.625, 0.25])
+
+
+def test_random_scores_are_seeded_per_example():
+    """Guards against a random baseline that changes between runs or repeats across examples."""
+    a, b = quality.random_scores(50, 0, 3), quality.random_scores(50, 0, 3)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, quality.random_scores(50, 0, 4))
+    assert not np.array_equal(a, quality.random_scores(50, 1, 3))
+
+
+# The hand table: gate values, whether the small model was right, whether the escalated answer was.
+GATE = np.array([0.9, 0.8, 0.7, 0.6, 0.2])
+SMALL_OK = np.array([1, 1, 0, 1, 0], bool)
+ESCALATED_OK = np.array([1, 1, 1, 0, 1], bool)
+# tau -> (exit rate, cascade accuracy), worked out by hand:
+EXPECTED = {
+    0.2: (1.0, 0.6),
+    0.6: (0.8, 0.8),
+    0.7: (0.6, 0.6),
+    0.8: (0.4, 0.8),
+    0.9: (0.2, 0.8),
+    np.inf: (0.0, 0.8),
+}
+
+
+def test_threshold_sweep_on_a_hand_table():
+    """Guards against a sweep that misses operating points, uses gate > tau instead of the SDK's
+    gate >= tau, or mixes up which answer an exiting question gets."""
+    sweep = quality.sweep_thresholds(GATE, SMALL_OK, ESCALATED_OK)
+    np.testing.assert_array_equal(sweep.taus, list(EXPECTED))
+    np.testing.assert_allclose(sweep.exit_rates, [e for e, _ in EXPECTED.values()])
+    np.testing.assert_allclose(sweep.accuracies, [a for _, a in EXPECTED.values()])
+
+
+@pytest.mark.parametrize(
+    ("reference", "expected_tau"),
+    [(0.8, 0.6), (0.81, 0.6), (0.805, 0.6), (0.6, 0.2), (0.95, None)],
+)
+def test_exit_rate_at_1pt_picks_the_highest_exit_rate_within_one_point(reference, expected_tau):
+    """Guards against picking the first or lowest qualifying threshold (the curve is not monotone:
+    tau 0.7 drops below 0.6's accuracy), a margin off by 100x, or a point returned when none qualifies."""
+    sweep = quality.sweep_thresholds(GATE, SMALL_OK, ESCALATED_OK)
+    best = quality.best_exit_rate(sweep, reference)
+    if expected_tau is None:
+        assert best is None
+    else:
+        assert sweep.taus[best] == expected_tau
+        assert sweep.exit_rates[best] == EXPECTED[expected_tau][0]
+
+
+def test_relative_compute():
+    """Guards against charging the pruned large model for questions that exit, or dropping the
+    small model's cost, which every question pays."""
+    assert quality.relative_compute(0.0, 1.0, 4.0, 10.0) == pytest.approx(0.5)
+    assert quality.relative_compute(1.0, 1.0, 4.0, 10.0) == pytest.approx(0.1)
+    np.testing.assert_allclose(quality.relative_compute(np.array([0.25, 0.5]), 1.0, 4.0, 10.0), [0.4, 0.3])
+
+
+def test_count_flops_counts_a_matmul():
+    """Guards against the compute column measuring nothing (a counter outside the call) or
+    multiply-adds instead of FLOPs: [3, 4] @ [4, 5] is 2 * 3 * 4 * 5 FLOPs."""
+    x, w = torch.randn(3, 4), torch.randn(5, 4)
+    assert quality.count_flops(lambda: torch.nn.functional.linear(x, w)) == 120
+
+
+# ----------------------------------------------------------------------------- rankings vs transformers
+
+
+def test_fastv_and_oracle_scores_equal_transformers_generate(tiny_large_checkpoint):
+    """Guards against the one teacher-forced pass not reproducing generation's attention (wrong fed
+    tokens, missing causal mask), FastV reading another layer than K - 1 or a row other than the last
+    prompt token, and the oracle missing decode passes."""
+    torch.manual_seed(0)
+    large = quality.TorchVLM(tiny_large_checkpoint, prune_layer=2)
+    example = dataset("test", 1, seed=5)[0]
+    inp = large.prepare(example)
+    generated = large.generate(inp, None, max_new_tokens=6)
+    fastv, oracle = large.attention_scores(inp, generated)
+
+    reference = InternVLForConditionalGeneration.from_pretrained(
+        tiny_large_checkpoint, attn_implementation="eager"
+    ).eval()
+    ids = torch.from_numpy(inp.prompt.input_ids)[None]
+    pixels = torch.from_numpy(preprocess_image(example.image, large.files.tiling)[0])
+    with torch.no_grad():
+        out = reference.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            pixel_values=pixels,
+            max_new_tokens=6,
+            do_sample=False,
+            output_attentions=True,
+            return_dict_in_generate=True,
+        )
+    assert out.sequences[0, ids.shape[1] :].tolist() == list(generated)
+    start, end = inp.prompt.visual_start, inp.prompt.visual_end
+    expected_fastv = out.attentions[0][1][0, :, -1, start:end].double().mean(0).numpy()
+    np.testing.assert_allclose(fastv, expected_fastv, rtol=1e-5, atol=1e-7)
+    expected_oracle = np.zeros(end - start)
+    for step, layers in enumerate(out.attentions):
+        queries = slice(end, None) if step == 0 else slice(None)
+        for attention in layers:  # [1, heads, queries, keys]
+            expected_oracle += attention[0, :, queries, start:end].double().sum(dim=(0, 1)).numpy()
+    np.testing.assert_allclose(oracle, expected_oracle, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tiny_edge(tiny_checkpoint, tmp_path_factory) -> EdgeModel:
+    out = tmp_path_factory.mktemp("quality-edge") / "fp32"
+    export_edge(ExportConfig(model_dir=tiny_checkpoint, out_dir=out, verify=False))
+    return EdgeModel.load(out, providers=[CPU])
+
+
+def test_prefill_scores_equal_transformers_prompt_attention(tiny_edge, tiny_checkpoint):
+    """Guards against the A^P ablation scoring visual or pre-image queries, reusing the full A,
+    or reading the wrong span of the graph's score output."""
+    example = dataset("test", 1, seed=2)[0]
+    gen = tiny_edge.generate(example.image, example.question, 4, ignore_eos=True)
+    ours = quality.prefill_scores(tiny_edge, gen)
+
+    reference = InternVLForConditionalGeneration.from_pretrained(tiny_checkpoint, attn_implementation="eager")
+    ids = torch.from_numpy(gen.prompt.input_ids)[None]
+    pixels = torch.from_numpy(preprocess_image(example.image, tiny_edge.files.tiling)[0])
+    with torch.no_grad():
+        out = reference.eval()(input_ids=ids, pixel_values=pixels, output_attentions=True)
+    attentions = torch.cat(out.attentions).numpy()  # [layers, heads, S, S]
+    expected = quality.global_attention_scores(attentions, gen.prompt.visual_start, gen.prompt.visual_end)
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-6)
+    assert (gen.visual_scores - ours > 0).all()  # the 3 decode passes add attention everywhere
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_quality_end_to_end_on_tiny_checkpoints(tiny_checkpoint, tiny_large_checkpoint, tmp_path):
+    """Guards against the script's outputs drifting from its records (the headline accuracy not
+    being the exact-match rate of the recorded answers), missing columns, or values out of range."""
+    out = tmp_path / "results"
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--n", "4", "--small", str(tiny_checkpoint)]
+        + ["--large", str(tiny_large_checkpoint), "--out", str(out), "--cache", str(tmp_path / "cache")]
+        + ["--threads", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    headline = json.loads(done.stdout.strip().splitlines()[-1])
+    required = {"large", "small", "sgp_r9", "fastv_r9", "random_r9", "sgp_r35", "exit_rate_at_1pt"}
+    assert required <= headline.keys()
+    for method in quality.PRUNED_METHODS:
+        for retention in quality.RETENTIONS:
+            assert 0.0 <= headline[quality.key(method, retention)] <= 1.0
+    assert headline["n"] == 4
+    assert 0.0 <= headline["exit_rate_at_1pt"] <= 1.0  # a random large model is 0%: every rate qualifies
+    assert headline["relative_compute_at_1pt"] > 0
+
+    records = json.loads((out / "quality_records.json").read_text())["records"]
+    examples = dataset("test", 4, seed=0)
+    assert [r["truth"] for r in records] == [e.answer for e in examples]
+    for name in ("large", "small", "sgp_r9", "fastv_r9"):
+        matches = [exact_match(r["answers"][name], e.answer) for r, e in zip(records, examples, strict=True)]
+        assert headline[name] == pytest.approx(np.mean(matches))
+    table = (out / "quality.md").read_text()
+    assert "| large, all visual tokens |" in table and "FastV" in table
+    assert (out / "quality_retention.png").stat().st_size > 1000
+    assert (out / "quality_see.png").stat().st_size > 1000
