@@ -201,6 +201,12 @@ def preprocess_image(image: Image.Image, config: TilingConfig) -> tuple[np.ndarr
     ``x * (1/255)`` in float64 cast to float32, then ``(x - mean) / std`` in
     float32: the operations, in order and dtype, of ``GotOcr2ImageProcessorPil``.
     """
+    tiles, layout = tile_image(image, config)
+    return normalize_tiles(tiles, config), layout
+
+
+def tile_image(image: Image.Image, config: TilingConfig) -> tuple[np.ndarray, Layout]:
+    """The uint8 tiles ``[num_tiles, 3, tile, tile]`` that ``preprocess_image`` normalises, and their layout."""
     rgb = convert_to_rgb(image)
     width, height = rgb.size
     layout = compute_layout(width, height, config)
@@ -215,22 +221,30 @@ def preprocess_image(image: Image.Image, config: TilingConfig) -> tuple[np.ndarr
         thumbnail = np.asarray(rgb.resize((tile, tile), Image.Resampling.BICUBIC))
         # thumbnail: [tile, tile, 3] -> [1, 3, tile, tile]
         tiles = np.concatenate([tiles, thumbnail.transpose(2, 0, 1)[None]], axis=0)
-    return normalize_tiles(tiles, config), layout
+    return tiles, layout
 
 
-def normalize_tiles(tiles: np.ndarray, config: TilingConfig) -> np.ndarray:
-    """uint8 tiles ``[n, 3, h, w]`` -> float32 ``(x / 255 - mean) / std``.
+def normalization_table(config: TilingConfig) -> np.ndarray:
+    """``[3, 256]`` float32: the normalised value of each uint8 level in each channel.
 
     The rescale runs in float64 and is cast to float32 before normalising, as
     the reference does (a float32 multiply by 1/255 differs in the last bit for
-    half of the levels). A uint8 channel has only 256 values, so the result is
-    looked up in a table computed with exactly those operations.
+    half of the levels).
     """
     levels = np.arange(256, dtype=np.uint8)[None, :, None]  # [1, 256, 1]
     scaled = (levels.astype(np.float64) * RESCALE_FACTOR).astype(np.float32)
     mean = np.asarray(config.image_mean, dtype=np.float32)[:, None, None]  # [3, 1, 1]
     std = np.asarray(config.image_std, dtype=np.float32)[:, None, None]  # [3, 1, 1]
-    table = ((scaled - mean) / std)[:, :, 0]  # table: [3, 256] float32
+    return ((scaled - mean) / std)[:, :, 0]
+
+
+def normalize_tiles(tiles: np.ndarray, config: TilingConfig) -> np.ndarray:
+    """uint8 tiles ``[n, 3, h, w]`` -> float32 ``(x / 255 - mean) / std``.
+
+    A uint8 channel has only 256 values, so the result is looked up in
+    ``normalization_table``, computed with exactly the reference's operations.
+    """
+    table = normalization_table(config)  # table: [3, 256] float32
     out = np.empty(tiles.shape, dtype=np.float32)  # out: [n, 3, h, w]
     for channel in range(3):
         out[:, channel] = table[channel][tiles[:, channel]]
