@@ -9,11 +9,16 @@ that keeps the right visual tokens keeps the answer.
 Question types (``QTYPES``), in rising difficulty for a tiny model:
 
 - ``colour``: "What colour is the triangle?" (the shape is unique in the image)
-- ``shape``: "What shape is the blue object?" (the colour is unique)
-- ``count``: "How many red objects are there?" (1 to 4)
+- ``shape``: "Which shape is blue?" (the colour is unique)
+- ``count``: "How many objects are red?" (1 to 4)
 - ``digit``: "What digit is inside the blue square?" (other shapes carry digits too)
 - ``spatial``: "What shape is left of the red circle?" (exactly one object lies
   in that direction: inside the 90-degree cone around it)
+
+Objects sit one per cell of the 8 x 8 grid of 56 px cells that the 2 x 2
+tiling's visual tokens cover, so each object is what one grid-tile token sees.
+``scene_questions`` lists every question a scene answers unambiguously (the
+planted one among them); ``more_questions`` draws follow-ups for training.
 
 Answers are one word or one digit; ``exact_match`` compares them. An example is
 a pure function of (split, seed): each split salts its random streams with its
@@ -27,6 +32,7 @@ Not here: tokenization, tiling, or model inputs (``prompt`` and ``preprocess``).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -57,12 +63,20 @@ DIGITS = tuple("0123456789")
 MAX_COUNT = 4  # count questions ask about 1..MAX_COUNT objects
 RELATIONS = {"left of": (-1, 0), "right of": (1, 0), "above": (0, -1), "below": (0, 1)}
 
-_OBJECT_SIZES = (52, 84)  # object side in px, inclusive range
+# Objects sit one per cell of an 8 x 8 grid of 56 px cells: the visual-token grid of the 2 x 2 tiling
+# (224 px tiles, 4 x 4 tokens each), so each object is what one grid-tile token sees and what a
+# quarter of one thumbnail token sees. With objects anywhere (the first design) the pair's tiny ViTs
+# (28 px patches) saw every object cut differently: after 400 steps of a shape probe on each token,
+# 17% of tokens named their object's shape (chance 14%); on the grid, 94%.
+GRID_CELLS = 8  # cells per side
+CELL = IMAGE_SIZE // GRID_CELLS  # cell side in px
+_OBJECT_SIZES = (34, 48)  # object side in px, inclusive range
+_JITTER = 2  # +- px of an object's centre around its cell's centre (keeps >= 4 px between neighbours)
 _OBJECTS_PER_IMAGE = (3, 6)  # inclusive range
 MAX_OBJECTS = _OBJECTS_PER_IMAGE[1]  # the most objects one image holds
-_GAP = 10  # px kept free between object boxes
 _COLOUR_JITTER = 10  # +- per RGB channel, so colours are not one exact value
 _DIGIT_PROBABILITY = 0.5  # chance that a roomy distractor shape carries a digit
+_CONE_MARGIN = 12  # px: an object this close to a direction cone's edge makes a spatial question ambiguous
 
 
 @dataclass(frozen=True)
@@ -116,38 +130,33 @@ def make_example(
 ) -> Example:
     """One example, a pure function of the seed (salted by ``split``) or of the given generator.
 
-    ``level`` in [0, 1] is for a training curriculum only: below 1 the image holds fewer,
-    bigger objects (``scene_limits``); every split is defined at level 1.
+    ``level`` in [0, 1] is for a training curriculum only: below 1 the image holds fewer
+    objects (``scene_limits``); every split is defined at level 1.
     """
     rng = seed_or_rng if isinstance(seed_or_rng, np.random.Generator) else example_rng(seed_or_rng, split)
     limits = scene_limits(level)
     qtype = QTYPES[int(rng.integers(len(QTYPES)))]
-    while True:  # a planted scene can fail to fit or to be unambiguous; draw again from the same stream
+    while True:  # a planted spatial scene can be ambiguous; draw again from the same stream
         planted = _ASK[qtype](rng, limits)
         if planted is not None:
-            objects, question, answer, region = planted
-            return Example(render(objects, rng), question, answer, qtype, region, objects)
+            objects, q = planted
+            return Example(render(objects, rng), q.text, q.answer, qtype, q.region, objects)
 
 
 @dataclass(frozen=True)
 class SceneLimits:
-    """How crowded a scene may be and how big its objects are."""
+    """How crowded a scene may be."""
 
-    max_objects: int  # most objects drawn (spatial questions draw at least 2)
-    min_size: int  # smallest object side in px
-    max_size: int  # largest object side in px
+    min_objects: int  # fewest objects drawn (questions that need more draw more)
+    max_objects: int  # most objects drawn
 
 
 def scene_limits(level: float) -> SceneLimits:
-    """Limits at a curriculum level: 0 is one object of 150-200 px, 1 the standard 3-6 of 52-84 px."""
+    """Limits at a curriculum level: 0 is 2 objects, 1 the standard 3-6."""
     if not 0.0 <= level <= 1.0:
         raise ValueError(f"level must be in [0, 1], got {level}")
-    lo, hi = _OBJECT_SIZES
-    return SceneLimits(
-        max_objects=1 + round(level * (MAX_OBJECTS - 1)),
-        min_size=round(150 + level * (lo - 150)),
-        max_size=round(200 + level * (hi - 200)),
-    )
+    lo, hi = _OBJECTS_PER_IMAGE
+    return SceneLimits(min_objects=2 + round(level * (lo - 2)), max_objects=2 + round(level * (hi - 2)))
 
 
 def dataset(split: str, n: int, seed: int = 0) -> list[Example]:
@@ -165,8 +174,8 @@ def vocabulary_corpus() -> list[str]:
     """Sentences that hold every word of every question and answer, for training a tokenizer."""
     colours, shapes = list(COLOURS), list(SHAPES)
     lines = [f"What colour is the {s}? {c}" for s in shapes for c in colours]
-    lines += [f"What shape is the {c} object? {s}" for c in colours for s in shapes]
-    lines += [f"How many {c} objects are there? {n}" for c in colours for n in range(1, MAX_COUNT + 1)]
+    lines += [f"Which shape is {c}? {s}" for c in colours for s in shapes]
+    lines += [f"How many objects are {c}? {n}" for c in colours for n in range(1, MAX_COUNT + 1)]
     lines += [f"What digit is inside the {c} {s}? {d}" for c in colours for s in DIGIT_SHAPES for d in DIGITS]
     lines += [f"What shape is {r} the {c} {s}? {s}" for r in RELATIONS for c in colours for s in shapes]
     # Answers open the assistant turn with no leading space; repeated, since BPE merges only pairs seen twice.
@@ -174,87 +183,165 @@ def vocabulary_corpus() -> list[str]:
     return lines
 
 
+@dataclass(frozen=True)
+class Question:
+    """One question about a drawn scene, with its answer."""
+
+    text: str  # English question ending in "?"
+    answer: str  # one word or digit, lower case
+    qtype: str  # one of QTYPES
+    region: tuple[int, int, int, int]  # (x0, y0, x1, y1): the object(s) the answer depends on
+
+
+def scene_questions(objects: Sequence[SceneObject], qtype: str) -> list[Question]:
+    """Every question of ``qtype`` that ``objects`` answer with one unambiguous answer, in a fixed order.
+
+    The planted question of an ``Example`` is always among them; the others let a
+    trainer ask several questions about one image.
+    """
+    colours = Counter(o.colour for o in objects)
+    shapes = Counter(o.shape for o in objects)
+    kinds = Counter((o.colour, o.shape) for o in objects)
+    questions = []
+    if qtype == "colour":
+        for o in objects:
+            if shapes[o.shape] == 1:
+                questions.append(_colour_question(o))
+    elif qtype == "shape":
+        for o in objects:
+            if colours[o.colour] == 1:
+                questions.append(_shape_question(o))
+    elif qtype == "count":
+        for colour, count in colours.items():
+            if count <= MAX_COUNT:
+                questions.append(_count_question(colour, objects))
+    elif qtype == "digit":
+        for o in objects:
+            if o.digit is not None and kinds[(o.colour, o.shape)] == 1:
+                questions.append(_digit_question(o))
+    elif qtype == "spatial":
+        for o in objects:
+            if kinds[(o.colour, o.shape)] != 1:
+                continue
+            others = [other for other in objects if other is not o]
+            for relation in RELATIONS:
+                question = _spatial_question(o, relation, others)
+                if question is not None:
+                    questions.append(question)
+    else:
+        raise ValueError(f"unknown question type {qtype!r}; expected one of {QTYPES}")
+    return questions
+
+
+def more_questions(example: Example, rng: np.random.Generator, n: int) -> list[Question]:
+    """Up to ``n`` further questions about ``example``'s image, none equal to its own.
+
+    Each draws a question type uniformly among those the scene can answer, then
+    a question of that type; no question repeats. For training only: the splits
+    ask one question per image.
+    """
+    pool = {q: [x for x in scene_questions(example.objects, q) if x.text != example.question] for q in QTYPES}
+    chosen: list[Question] = []
+    while len(chosen) < n:
+        available = [q for q in QTYPES if pool[q]]
+        if not available:
+            break
+        options = pool[_pick(rng, available)]
+        chosen.append(options.pop(int(rng.integers(len(options)))))
+    return chosen
+
+
 # ---------------------------------------------------------------------------
 # Scenes planted for each question type
 # ---------------------------------------------------------------------------
 
-Planted = tuple[tuple[SceneObject, ...], str, str, tuple[int, int, int, int]]
+Planted = tuple[tuple[SceneObject, ...], Question]
+
+
+def _colour_question(o: SceneObject) -> Question:
+    return Question(f"What colour is the {o.shape}?", o.colour, "colour", o.box)
+
+
+def _shape_question(o: SceneObject) -> Question:
+    # The word that picks the object comes last, right before "?".
+    return Question(f"Which shape is {o.colour}?", o.shape, "shape", o.box)
+
+
+def _count_question(colour: str, objects: Sequence[SceneObject]) -> Question:
+    boxes = np.array([o.box for o in objects if o.colour == colour])
+    region = (*boxes[:, :2].min(axis=0).tolist(), *boxes[:, 2:].max(axis=0).tolist())
+    return Question(f"How many objects are {colour}?", str(len(boxes)), "count", tuple(region))
+
+
+def _digit_question(o: SceneObject) -> Question:
+    return Question(f"What digit is inside the {o.colour} {o.shape}?", o.digit, "digit", o.box)
+
+
+def _spatial_question(
+    reference: SceneObject, relation: str, others: Sequence[SceneObject]
+) -> Question | None:
+    """The shape in ``relation`` of ``reference``, or None when no single object is clearly there."""
+    placement = [_cone_placement(reference, other, RELATIONS[relation]) for other in others]
+    # none, several, or one near the cone's edge: the question would have no single clear answer
+    if placement.count("in") != 1 or "edge" in placement:
+        return None
+    answer = others[placement.index("in")]
+    text = f"What shape is {relation} the {reference.colour} {reference.shape}?"
+    return Question(text, answer.shape, "spatial", answer.box)
 
 
 def _ask_colour(rng: np.random.Generator, limits: SceneLimits) -> Planted | None:
     shape = _pick(rng, SHAPES)
-    target = _spec(rng, limits, shape=shape)
-    others = [
-        _spec(rng, limits, shapes=[s for s in SHAPES if s != shape]) for _ in range(_n_others(rng, limits))
-    ]
+    target = _spec(rng, shape=shape)
+    others = [_spec(rng, shapes=[s for s in SHAPES if s != shape]) for _ in range(_n_others(rng, limits))]
     objects = _place(rng, [target, *others])
-    if objects is None:
-        return None
-    return objects, f"What colour is the {shape}?", objects[0].colour, objects[0].box
+    return objects, _colour_question(objects[0])
 
 
 def _ask_shape(rng: np.random.Generator, limits: SceneLimits) -> Planted | None:
     colour = _pick(rng, COLOURS)
-    target = _spec(rng, limits, colour=colour)
-    others = [
-        _spec(rng, limits, colours=[c for c in COLOURS if c != colour]) for _ in range(_n_others(rng, limits))
-    ]
+    target = _spec(rng, colour=colour)
+    others = [_spec(rng, colours=[c for c in COLOURS if c != colour]) for _ in range(_n_others(rng, limits))]
     objects = _place(rng, [target, *others])
-    if objects is None:
-        return None
-    return objects, f"What shape is the {colour} object?", objects[0].shape, objects[0].box
+    return objects, _shape_question(objects[0])
 
 
 def _ask_count(rng: np.random.Generator, limits: SceneLimits) -> Planted | None:
     colour = _pick(rng, COLOURS)
     count = min(int(rng.integers(1, MAX_COUNT + 1)), limits.max_objects)
-    n_total = min(
-        max(count + 1, int(rng.integers(_OBJECTS_PER_IMAGE[0], _OBJECTS_PER_IMAGE[1] + 1))),
-        limits.max_objects,
-    )
-    counted = [_spec(rng, limits, colour=colour) for _ in range(count)]
-    others = [_spec(rng, limits, colours=[c for c in COLOURS if c != colour]) for _ in range(n_total - count)]
+    n_total = min(max(count + 1, _n_objects(rng, limits)), limits.max_objects)
+    counted = [_spec(rng, colour=colour) for _ in range(count)]
+    others = [_spec(rng, colours=[c for c in COLOURS if c != colour]) for _ in range(n_total - count)]
     objects = _place(rng, [*counted, *others])
-    if objects is None:
-        return None
-    boxes = np.array([o.box for o in objects[:count]])
-    region = (*boxes[:, :2].min(axis=0).tolist(), *boxes[:, 2:].max(axis=0).tolist())
-    return objects, f"How many {colour} objects are there?", str(count), tuple(region)
+    return objects, _count_question(colour, objects)
 
 
 def _ask_digit(rng: np.random.Generator, limits: SceneLimits) -> Planted | None:
     colour, shape = _pick(rng, COLOURS), _pick(rng, DIGIT_SHAPES)
-    target = _spec(rng, limits, colour=colour, shape=shape, digit=_pick(rng, DIGITS))
+    target = _spec(rng, colour=colour, shape=shape, digit=_pick(rng, DIGITS))
     others = []
     for _ in range(_n_others(rng, limits)):  # any object but another (colour, shape) twin of the target
-        other = _spec(rng, limits)
+        other = _spec(rng)
         while (other["colour"], other["shape"]) == (colour, shape):
-            other = _spec(rng, limits)
+            other = _spec(rng)
         others.append(other)
     objects = _place(rng, [target, *others])
-    if objects is None:
-        return None
-    return objects, f"What digit is inside the {colour} {shape}?", objects[0].digit, objects[0].box
+    return objects, _digit_question(objects[0])
 
 
 def _ask_spatial(rng: np.random.Generator, limits: SceneLimits) -> Planted | None:
     colour, shape = _pick(rng, COLOURS), _pick(rng, SHAPES)
     relation = _pick(rng, RELATIONS)
-    reference = _spec(rng, limits, colour=colour, shape=shape)
+    reference = _spec(rng, colour=colour, shape=shape)
     others = []
     for _ in range(max(1, _n_others(rng, limits))):  # the reference needs a neighbour
-        other = _spec(rng, limits)
+        other = _spec(rng)
         while (other["colour"], other["shape"]) == (colour, shape):
-            other = _spec(rng, limits)
+            other = _spec(rng)
         others.append(other)
     objects = _place(rng, [reference, *others])
-    if objects is None:
-        return None
-    in_cone = [o for o in objects[1:] if _in_direction(objects[0], o, RELATIONS[relation])]
-    if len(in_cone) != 1:  # none or several: the question would have no single answer
-        return None
-    answer = in_cone[0]
-    return objects, f"What shape is {relation} the {colour} {shape}?", answer.shape, answer.box
+    question = _spatial_question(objects[0], relation, objects[1:])
+    return None if question is None else (objects, question)
 
 
 _ASK = {
@@ -266,12 +353,15 @@ _ASK = {
 }
 
 
-def _in_direction(reference: SceneObject, other: SceneObject, direction: tuple[int, int]) -> bool:
-    """``other`` lies in the 90-degree cone around ``direction`` from ``reference``, with a margin."""
+def _cone_placement(reference: SceneObject, other: SceneObject, direction: tuple[int, int]) -> str:
+    """Where ``other`` lies from ``reference``: "in" the 90-degree cone around ``direction``, "out"
+    of it, or on its "edge" (within ``_CONE_MARGIN`` px of it: diagonal neighbours on the grid)."""
     (rx, ry), (ox, oy) = reference.centre, other.centre
     along = (ox - rx) * direction[0] + (oy - ry) * direction[1]
     across = abs((ox - rx) * direction[1] - (oy - ry) * direction[0])
-    return along > 0 and along > across + 12  # 12 px: nothing sits on the cone's edge
+    if along > across + _CONE_MARGIN:
+        return "in"
+    return "out" if along < across - _CONE_MARGIN else "edge"
 
 
 # ---------------------------------------------------------------------------
@@ -284,13 +374,16 @@ def _pick(rng: np.random.Generator, options) -> str:
     return options[int(rng.integers(len(options)))]
 
 
+def _n_objects(rng: np.random.Generator, limits: SceneLimits) -> int:
+    return int(rng.integers(limits.min_objects, limits.max_objects + 1))
+
+
 def _n_others(rng: np.random.Generator, limits: SceneLimits) -> int:
-    return min(int(rng.integers(_OBJECTS_PER_IMAGE[0], _OBJECTS_PER_IMAGE[1] + 1)), limits.max_objects) - 1
+    return _n_objects(rng, limits) - 1
 
 
 def _spec(
     rng: np.random.Generator,
-    limits: SceneLimits,
     colour: str | None = None,
     shape: str | None = None,
     digit: str | None = None,
@@ -302,29 +395,24 @@ def _spec(
     colour = colour or _pick(rng, colours)
     if digit is None and shape in DIGIT_SHAPES and rng.random() < _DIGIT_PROBABILITY:
         digit = _pick(rng, DIGITS)
-    size = int(rng.integers(limits.min_size, limits.max_size + 1))
+    size = int(rng.integers(_OBJECT_SIZES[0], _OBJECT_SIZES[1] + 1))
     return {"colour": colour, "shape": shape, "digit": digit, "size": size}
 
 
-def _place(rng: np.random.Generator, specs: list[dict], tries: int = 60) -> tuple[SceneObject, ...] | None:
-    """Non-overlapping boxes for ``specs`` in order, or None when one does not fit."""
-    placed: list[SceneObject] = []
-    for spec in specs:
+def _place(rng: np.random.Generator, specs: list[dict]) -> tuple[SceneObject, ...]:
+    """Boxes for ``specs`` in order, each centred (+- ``_JITTER`` px) in its own free grid cell."""
+    cells = rng.choice(GRID_CELLS * GRID_CELLS, size=len(specs), replace=False)
+    placed = []
+    for spec, cell in zip(specs, cells, strict=True):
+        row, column = divmod(int(cell), GRID_CELLS)
         size = spec["size"]
-        for _ in range(tries):
-            x0 = int(rng.integers(_GAP, IMAGE_SIZE - size - _GAP + 1))
-            y0 = int(rng.integers(_GAP, IMAGE_SIZE - size - _GAP + 1))
-            box = (x0, y0, x0 + size, y0 + size)
-            if all(_apart(box, other.box) for other in placed):
-                placed.append(SceneObject(spec["shape"], spec["colour"], box, spec["digit"]))
-                break
-        else:
-            return None
+        jx, jy = (int(j) for j in rng.integers(-_JITTER, _JITTER + 1, 2))
+        x0 = column * CELL + (CELL - size) // 2 + jx
+        y0 = row * CELL + (CELL - size) // 2 + jy
+        placed.append(
+            SceneObject(spec["shape"], spec["colour"], (x0, y0, x0 + size, y0 + size), spec["digit"])
+        )
     return tuple(placed)
-
-
-def _apart(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
-    return a[2] + _GAP <= b[0] or b[2] + _GAP <= a[0] or a[3] + _GAP <= b[1] or b[3] + _GAP <= a[1]
 
 
 def render(objects: Sequence[SceneObject], rng: np.random.Generator) -> Image.Image:
