@@ -27,11 +27,28 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from grounding import (  # bench/grounding.py
+    ATTRIBUTES,
+    GroundingHeads,
+    ProjectorTap,
+    TiedGroundingHeads,
+    attribute_accuracy,
+    attribute_loss,
+    stack_targets,
+    token_targets,
+)
+from model_card import (
+    checkpoint_megabytes,
+    merge_results,
+    write_accuracy,
+    write_model_card,
+)  # bench/model_card.py
 from transformers import InternVLForConditionalGeneration
 
 from stitchvlm.cloud.checkpoints import (
@@ -42,31 +59,36 @@ from stitchvlm.cloud.checkpoints import (
     save_checkpoint,
     tiny_internvl_config,
 )
-from stitchvlm.shared.layout import TilingConfig
+from stitchvlm.shared.layout import Layout, TilingConfig
 from stitchvlm.shared.model_files import ModelFiles
-from stitchvlm.shared.preprocess import preprocess_image
-from stitchvlm.shared.prompt import answer_ids, build_prompt, decode_answer
+from stitchvlm.shared.preprocess import normalization_table, preprocess_image, tile_image
+from stitchvlm.shared.prompt import answer_ids, build_prompt, decode_answer, render_chat_template
 from stitchvlm.shared.synthetic import (
     QTYPES,
     Example,
+    Question,
     exact_match,
     iter_dataset,
+    more_questions,
     vocabulary_corpus,
 )
 
 # The pair's sizes. Same vision geometry, so one tiling serves both: 224 px tiles, patch 28, 16 tokens
-# per tile (80 visual tokens; 64 per tile made a step ~10x slower on 2 CPU cores). The large model is
-# wider and deeper in both towers. Init std 0.1, not the HF 0.02: with 0.02 attention stays uniform over
-# the visual tokens and a model from scratch takes thousands of steps to start looking at the objects.
+# per tile (80 visual tokens; 64 per tile made a step ~10x slower on 2 CPU cores). The large model has
+# a ViT four times as wide and twice as deep (digits are read there: a 64 x 2 ViT never learned them in
+# 8000 steps) and twice the LM depth (counting and spatial questions chain more lookups); its LM stays
+# 128 wide so a step costs about twice the small one's. With the same recipe, a small model of
+# 64 x 2 / 128 x 4 answered as well as the large at equal steps: the gap has to come from capacity.
+# Init std 0.1 (HF's default is 0.02); with the grounding loss, 0.02 and 0.1 learned alike in short runs.
 PRESETS: dict[str, TinyPreset] = {
     "small": TinyPreset(
-        vision_hidden=64,
+        vision_hidden=32,
         vision_layers=2,
-        vision_heads=4,
+        vision_heads=2,
         image_size=224,
         patch_size=28,
         text_hidden=128,
-        text_layers=4,
+        text_layers=3,
         text_heads=4,
         text_kv_heads=2,
         text_intermediate=512,
@@ -78,15 +100,15 @@ PRESETS: dict[str, TinyPreset] = {
         vision_heads=4,
         image_size=224,
         patch_size=28,
-        text_hidden=256,
+        text_hidden=128,
         text_layers=6,
-        text_heads=8,
+        text_heads=4,
         text_kv_heads=2,
-        text_intermediate=1024,
+        text_intermediate=512,
         initializer_range=0.1,
     ),
 }
-# 448 px images -> 2 x 2 grid + thumbnail = 5 tiles, 320 visual tokens.
+# 448 px images -> 2 x 2 grid + thumbnail = 5 tiles, 80 visual tokens.
 TILING = TilingConfig(
     tile_size=224,
     min_tiles=1,
@@ -97,6 +119,7 @@ TILING = TilingConfig(
     image_std=IMAGENET_STD,
 )
 IGNORE_INDEX = -100  # label of positions outside the loss
+FOLLOW_UP_SALT = 0xF0110  # salts the random stream that picks a training image's follow-up questions
 TEST_EXAMPLES = 300  # fixed test split size the card reports
 MAX_NEW_TOKENS = 4  # answers are one token plus <|im_end|>
 
@@ -106,18 +129,31 @@ class TrainConfig:
     """One model's optimisation schedule."""
 
     steps: int  # optimizer steps
-    batch: int = 16  # examples per step
+    batch: int = 8  # images per step
     lr: float = 1e-3  # peak learning rate
     warmup: float = 0.05  # fraction of steps with linear warmup
     min_lr: float = 0.05  # final learning rate as a fraction of the peak (cosine floor)
     weight_decay: float = 0.05  # AdamW decoupled decay (matrices only)
     grad_clip: float = 1.0  # global gradient-norm clip
-    eval_every: int = 250  # steps between validation accuracy checks (0: only at the end)
-    val_examples: int = 64  # validation examples per check
+    eval_every: int = 1000  # steps between validation accuracy checks (0: only at the end)
+    val_examples: int = 200  # validation examples per check
     seed: int = 0  # weight init and training-stream seed
-    # Fraction of steps over which images go from one big object to the standard 3-6 small ones: a
-    # model from scratch first learns what an object looks like, then which of several the question means.
-    curriculum: float = 0.5
+    # Fraction of steps over which scenes go from 2 objects to the standard 3-6: with two, which object
+    # a question means is a coin flip the model soon learns to call; with six, the first signal is faint.
+    curriculum: float = 0.25
+    # Questions asked about each training image: the first as serving asks it, the rest as follow-up
+    # turns of one conversation (the image's tokens are computed once for all of them).
+    questions: int = 4
+    # Weight of a loss on predicting the answer's first token at the question's last word (the word
+    # that names the object: "What colour is the triangle?"). That is one attention hop from the
+    # image; the answer position proper needs two (find the word, then the object), and a model from
+    # scratch sits on a long plateau before it finds both at once.
+    early_answer: float = 1.0
+    # Weight of the auxiliary grounding loss (grounding.py) next to the answer loss; 0 turns it off.
+    grounding: float = 1.0
+    # Read the grounding targets through the LM's tied word embeddings (TiedGroundingHeads), or
+    # through separate linear heads (GroundingHeads).
+    tied_grounding: bool = True
 
 
 # ---------------------------------------------------------------------------
@@ -125,37 +161,98 @@ class TrainConfig:
 # ---------------------------------------------------------------------------
 
 
-def encode_example(files: ModelFiles, example: Example) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(input_ids, labels, pixel_values) of one example, as serving builds the prompt and pixels.
+@dataclass(frozen=True, eq=False)
+class Encoded:
+    """One training conversation about one image."""
 
-    labels are ``IGNORE_INDEX`` on the prompt and the answer ids (with EOS) on the answer.
+    input_ids: np.ndarray  # [S] int64
+    labels: np.ndarray  # [S] int64: answer ids (with EOS) on the answers, IGNORE_INDEX elsewhere
+    tiles: np.ndarray  # [tiles, 3, tile, tile] uint8, what preprocess_image normalises
+    layout: Layout
+    # (position, answer's first id) per question: the question's last word, which names the object
+    early: list[tuple[int, int]]
+
+
+def encode_example(files: ModelFiles, example: Example, follow_ups: Sequence[Question] = ()) -> Encoded:
+    """One example as serving builds its prompt and tiles, plus ``follow_ups`` as further turns.
+
+    The first turn is exactly what serving sends (``build_prompt``) followed by the answer and
+    ``<|im_end|>``; each of ``follow_ups`` adds a user turn and its answer, rendered by the
+    checkpoint's chat template as a multi-turn conversation about the same image.
     """
-    pixels, layout = preprocess_image(example.image, files.tiling)  # pixels: [tiles, 3, tile, tile]
+    tiles, layout = tile_image(example.image, files.tiling)
     prompt = build_prompt(files, example.question, layout.num_visual_tokens).input_ids
-    answer = np.asarray(answer_ids(files, example.answer, add_eos=True), dtype=np.int64)
-    input_ids = np.concatenate([prompt, answer])
-    labels = np.concatenate([np.full(len(prompt), IGNORE_INDEX, dtype=np.int64), answer])
-    return input_ids, labels, pixels
+    pieces = [(prompt, False), (answer_ids(files, example.answer, add_eos=True), True)]
+    for question in follow_ups:
+        turn = render_chat_template(files, [{"role": "user", "content": question.text}])
+        # "\n" closes the previous assistant turn as the template renders it ("<|im_end|>\n")
+        pieces.append((files.tokenizer.encode("\n" + turn, add_special_tokens=False).ids, False))
+        pieces.append((answer_ids(files, question.answer, add_eos=True), True))
+    input_ids = np.concatenate([np.asarray(ids, dtype=np.int64) for ids, _ in pieces])
+    labels = np.concatenate(
+        [
+            np.asarray(ids, dtype=np.int64) if answer else np.full(len(ids), IGNORE_INDEX)
+            for ids, answer in pieces
+        ]
+    )
+    # Every question ends "?<|im_end|>": the token before "?" ends the word that names the object.
+    marks = np.flatnonzero(input_ids == files.tokenizer.token_to_id("?"))
+    starts = np.flatnonzero((labels != IGNORE_INDEX) & (np.roll(labels, 1) == IGNORE_INDEX))  # answers
+    if len(marks) != len(starts):
+        raise ValueError(f"{len(marks)} question marks for {len(starts)} answers: {example.question!r}")
+    early = [(int(mark) - 1, int(input_ids[start])) for mark, start in zip(marks, starts, strict=True)]
+    return Encoded(input_ids, labels, tiles, layout, early)
 
 
-def collate(files: ModelFiles, examples: list[Example]) -> dict[str, torch.Tensor]:
-    """A right-padded batch: input_ids, attention_mask, labels ``[batch, seq]``; pixel_values ``[tiles, 3, h, w]``."""
-    encoded = [encode_example(files, example) for example in examples]
-    length = max(len(ids) for ids, _, _ in encoded)
+def normalize_batch(tiles: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """uint8 tiles ``[n, 3, h, w]`` -> float32 pixels through ``normalization_table`` (``[3, 256]``).
+
+    The same lookup as ``preprocess_image``, so training pixels equal serving pixels bit for bit.
+    """
+    out = torch.empty(tiles.shape, dtype=torch.float32)
+    for channel in range(3):
+        out[:, channel] = table[channel][tiles[:, channel].int()]
+    return out
+
+
+def collate(
+    files: ModelFiles,
+    examples: list[Example],
+    grounding: bool = False,
+    follow_ups: Sequence[Sequence[Question]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """A right-padded batch: input_ids, attention_mask, labels ``[batch, seq]``; pixel_values ``[tiles, 3, h, w]``.
+
+    With ``grounding``, also ``token_targets`` ``[batch, V, 3]`` (``grounding.token_targets``);
+    ``follow_ups[i]``: further questions about example i's image (``encode_example``).
+    """
+    follow_ups = follow_ups or [()] * len(examples)
+    encoded = [encode_example(files, e, f) for e, f in zip(examples, follow_ups, strict=True)]
+    length = max(len(enc.input_ids) for enc in encoded)
     pad = files.pad_token_id if files.pad_token_id is not None else files.eos_token_ids[0]
     input_ids = np.full((len(encoded), length), pad, dtype=np.int64)
     labels = np.full((len(encoded), length), IGNORE_INDEX, dtype=np.int64)
     attention_mask = np.zeros((len(encoded), length), dtype=np.int64)
-    for row, (ids, target, _) in enumerate(encoded):
-        input_ids[row, : len(ids)] = ids
-        labels[row, : len(ids)] = target
-        attention_mask[row, : len(ids)] = 1
-    return {
+    for row, enc in enumerate(encoded):
+        input_ids[row, : len(enc.input_ids)] = enc.input_ids
+        labels[row, : len(enc.labels)] = enc.labels
+        attention_mask[row, : len(enc.input_ids)] = 1
+    tiles = torch.from_numpy(np.concatenate([enc.tiles for enc in encoded]))
+    batch = {
         "input_ids": torch.from_numpy(input_ids),
         "attention_mask": torch.from_numpy(attention_mask),
         "labels": torch.from_numpy(labels),
-        "pixel_values": torch.from_numpy(np.concatenate([pixels for _, _, pixels in encoded])),
+        "pixel_values": normalize_batch(tiles, torch.from_numpy(normalization_table(files.tiling))),
+        # [n, 3]: (row, position, answer's first id) of every question's last word
+        "early_answers": torch.tensor(
+            [(row, *pair) for row, enc in enumerate(encoded) for pair in enc.early]
+        ),
     }
+    if grounding:
+        batch["token_targets"] = stack_targets(
+            [token_targets(e, enc.layout) for e, enc in zip(examples, encoded, strict=True)]
+        )
+    return batch
 
 
 # ---------------------------------------------------------------------------
@@ -230,45 +327,115 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.A
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-8)
 
 
+def training_batch(files: ModelFiles, config: TrainConfig, step: int) -> dict[str, torch.Tensor]:
+    """Step ``step``'s batch: training examples ``step * batch ..``, each with its follow-up questions."""
+    first = step * config.batch
+    examples = list(iter_dataset("train", config.batch, config.seed, first, curriculum_level(step, config)))
+    follow_ups = [
+        more_questions(
+            example, np.random.default_rng([config.seed, first + i, FOLLOW_UP_SALT]), config.questions - 1
+        )
+        for i, example in enumerate(examples)
+    ]
+    return collate(files, examples, grounding=True, follow_ups=follow_ups)
+
+
+def training_losses(
+    model: InternVLForConditionalGeneration,
+    heads: torch.nn.Module,
+    tap: ProjectorTap,
+    batch: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """The three losses of one batch (answers, early answers, grounding; ``TrainConfig`` weighs them)
+    and the grounding heads' accuracies, for the progress line."""
+    batch = dict(batch)
+    targets = batch.pop("token_targets")  # [batch, V, 3]
+    early = batch.pop("early_answers")  # [n, 3]: row, position, answer's first id
+    output = model(**batch)
+    early_logits = output.logits[early[:, 0], early[:, 1]]  # [n, vocab]
+    grounding_logits = heads.logits(tap.visual_embeds(len(batch["input_ids"])))
+    losses = {
+        "answer": output.loss,
+        "early": torch.nn.functional.cross_entropy(early_logits, early[:, 2]),
+        "grounding": attribute_loss(grounding_logits, targets),
+    }
+    with torch.no_grad():
+        return losses, attribute_accuracy(grounding_logits, targets)
+
+
+class RunningMeans:
+    """Exponential moving averages of named losses, for the progress line and the history."""
+
+    def __init__(self, decay: float = 0.95):
+        self.decay = decay
+        self.values: dict[str, float] = {}
+
+    def update(self, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            if math.isnan(value):  # e.g. no digit in this batch
+                continue
+            old = self.values.get(key, value)
+            self.values[key] = self.decay * old + (1 - self.decay) * value
+
+    def __str__(self) -> str:
+        return " ".join(f"{key} {value:.4f}" for key, value in self.values.items())
+
+
 def train_model(
-    name: str, files: ModelFiles, config: TrainConfig, device: torch.device, val: list[Example]
+    name: str,
+    preset: TinyPreset,
+    files: ModelFiles,
+    config: TrainConfig,
+    device: torch.device,
+    val: list[Example],
 ) -> tuple[InternVLForConditionalGeneration, dict]:
     """Train one preset from a seeded init; returns the model and its training statistics."""
     torch.manual_seed(config.seed)
-    model_config = tiny_internvl_config(PRESETS[name], files.tokenizer)
+    model_config = tiny_internvl_config(preset, files.tokenizer)
     model = InternVLForConditionalGeneration(model_config).to(device).train()
-    optimizer = make_optimizer(model, config)
     params = sum(p.numel() for p in model.parameters())
+    # The grounding heads train with the model and are dropped after it (grounding.py says why).
+    if config.tied_grounding:
+        word_ids = {
+            name: [answer_ids(files, word)[0] for word in words] for name, words in ATTRIBUTES.items()
+        }
+        heads = TiedGroundingHeads(model.get_input_embeddings(), word_ids).to(device)
+    else:
+        heads = GroundingHeads(model_config.text_config.hidden_size).to(device)
+    tap = ProjectorTap(model)
+    trained = torch.nn.ModuleList([model, heads])  # .parameters() lists a tensor the two share once
+    optimizer = make_optimizer(trained, config)
     log(f"[{name}] {params / 1e6:.2f}M parameters, {config.steps} steps x {config.batch}")
 
-    started, smoothed, history = time.perf_counter(), None, []
+    started, means, history, first_loss = time.perf_counter(), RunningMeans(), [], None
     for step in range(config.steps):
-        examples = iter_dataset(
-            "train", config.batch, config.seed, step * config.batch, curriculum_level(step, config)
-        )
-        batch = collate(files, list(examples))
+        batch = training_batch(files, config, step)
         batch = {key: value.to(device) for key, value in batch.items()}
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, config)
-        loss = model(**batch).loss
+        losses, accuracies = training_losses(model, heads, tap, batch)
+        total = (
+            losses["answer"] + config.early_answer * losses["early"] + config.grounding * losses["grounding"]
+        )
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(trained.parameters(), config.grad_clip)
         optimizer.step()
 
-        smoothed = loss.item() if smoothed is None else 0.95 * smoothed + 0.05 * loss.item()
+        first_loss = losses["answer"].item() if first_loss is None else first_loss
+        means.update({**{key: value.item() for key, value in losses.items()}, **accuracies})
         done = step + 1
         if done % 10 == 0 or done == config.steps:
             elapsed = time.perf_counter() - started
             rate = done * config.batch / elapsed
             eta = (config.steps - done) * config.batch / rate
             log(
-                f"[{name}] step {done}/{config.steps} loss {smoothed:.4f} lr {learning_rate(step, config):.2e} "
-                f"{rate:.1f} samples/s elapsed {elapsed / 60:.1f} min eta {eta / 60:.1f} min"
+                f"[{name}] step {done}/{config.steps} {means} lr {learning_rate(step, config):.2e} "
+                f"{rate:.1f} images/s elapsed {elapsed / 60:.1f} min eta {eta / 60:.1f} min"
             )
         if (config.eval_every and done % config.eval_every == 0) or done == config.steps:
             result = evaluate(model, files, val)
-            history.append({"step": done, "val_accuracy": result["accuracy"], "loss": smoothed})
+            history.append({"step": done, "val_accuracy": result["accuracy"], **means.values})
             per_type = " ".join(f"{q} {a:.2f}" for q, a in result["per_qtype"].items())
             log(f"[{name}] step {done} val accuracy {result['accuracy']:.3f} ({per_type})")
 
@@ -279,111 +446,20 @@ def train_model(
         "batch": config.batch,
         "train_seconds": round(seconds, 1),
         "samples_per_second": round(config.steps * config.batch / seconds, 2),
-        "final_loss": smoothed,
+        "first_loss": first_loss,
+        "final_loss": means.values["answer"],
         "history": history,
         "config": asdict(config),
-        "preset": asdict(PRESETS[name]),
+        "preset": asdict(preset),
+        "threads": torch.get_num_threads(),
+        "command": " ".join(["python", *sys.argv]),
     }
+    tap.remove()
     return model.eval(), stats
 
 
 def log(message: str) -> None:
     print(time.strftime("%H:%M:%S"), message, flush=True)
-
-
-# ---------------------------------------------------------------------------
-# Model card
-# ---------------------------------------------------------------------------
-
-
-def write_accuracy(out: Path, results: dict[str, dict], meta: dict) -> None:
-    """accuracy.json: every number of the card plus per-example test predictions, for tests to read."""
-    (out / "accuracy.json").write_text(json.dumps({"meta": meta, "models": results}, indent=1) + "\n")
-
-
-def write_model_card(out: Path) -> None:
-    """MODEL_CARD.md from accuracy.json (so the card can be rewritten without retraining)."""
-    record = json.loads((out / "accuracy.json").read_text())
-    meta, results = record["meta"], record["models"]
-    tiling = meta["tiling"]
-    lines = [
-        "# Synthetic pair: synthetic-small and synthetic-large",
-        "",
-        "Two InternVL models (the `InternVLForConditionalGeneration` architecture of the InternVL3-*-hf",
-        "checkpoints) trained from scratch by `bench/train_pair.py` on `stitchvlm.shared.synthetic`:",
-        "448 x 448 images of 3-6 coloured shapes (some holding a printed digit), one short question each,",
-        "answered with one word or digit. They exist so the cascade has a small and a large model that",
-        "really answer and differ in how well. Not for any other use.",
-        "",
-        "## Data",
-        "",
-        f"- question types: {', '.join(QTYPES)} (uniform); train, val and test are disjoint seed streams",
-        f"- test: the first {meta['test_examples']} examples of the `test` split, seed {meta['seed']}",
-        f"- tiling: {tiling['tile_size']} px tiles, 2 x 2 grid + thumbnail = 5 tiles, "
-        f"{tiling['tokens_per_tile']} tokens per tile, {5 * tiling['tokens_per_tile']} visual tokens",
-        f"- tokenizer: byte-level BPE, {meta['vocab_size']} tokens, shared by both models",
-        "",
-        "## Models and training",
-        "",
-        f"- device: {meta['device']}, {meta['threads']} threads, torch {meta['torch']}, {meta['platform']}",
-        "- AdamW (betas 0.9/0.98, weight decay on matrices), linear warmup then cosine decay, loss on the",
-        "  answer tokens + `<|im_end|>`; curriculum: the first part of training (fraction below) starts",
-        "  with one big object per image and moves linearly to the standard scenes",
-        f"- command: `{meta['command']}`",
-        "",
-        "| model | ViT (width x depth) | LM (width x depth) | parameters | steps x batch | peak lr "
-        "| curriculum | train time | samples/s | safetensors |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for name, r in results.items():
-        s, p = r["train"], r["train"]["preset"]
-        if "config" not in s:  # --reuse: trained by an earlier run whose figures are not recorded here
-            lines.append(
-                f"| synthetic-{name} | {p['vision_hidden']} x {p['vision_layers']} | {p['text_hidden']} x "
-                f"{p['text_layers']} | {s['parameters'] / 1e6:.2f}M | — | — | — | — | — | {r['checkpoint_mb']:.1f} MB |"
-            )
-            continue
-        c = s["config"]
-        lines.append(
-            f"| synthetic-{name} | {p['vision_hidden']} x {p['vision_layers']} | {p['text_hidden']} x "
-            f"{p['text_layers']} | {s['parameters'] / 1e6:.2f}M | {s['steps']} x {s['batch']} | {c['lr']:g} | "
-            f"{c['curriculum']:g} | {s['train_seconds'] / 60:.1f} min | {s['samples_per_second']:.1f} | "
-            f"{r['checkpoint_mb']:.1f} MB |"
-        )
-    lines += [
-        "",
-        "## Test accuracy (%, exact match, greedy `model.generate`, at most 4 new tokens)",
-        "",
-        "| model | overall | " + " | ".join(QTYPES) + " | first 60 |",
-        "| --- | ---: | " + " | ".join("---:" for _ in QTYPES) + " | ---: |",
-    ]
-    for name, r in results.items():
-        t = r["test"]
-        per_type = " | ".join(f"{100 * t['per_qtype'].get(q, float('nan')):.1f}" for q in QTYPES)
-        lines.append(
-            f"| synthetic-{name} | {100 * t['accuracy']:.1f} | {per_type} | {100 * r['first_60_accuracy']:.1f} |"
-        )
-    lines += [
-        "",
-        "Chance level per type: colour 1/7, shape 1/7, count 1/4, digit 1/10, spatial 1/7.",
-        "Per-example test predictions are in `accuracy.json`; `tests/test_synthetic.py` re-generates",
-        "the first 60 with transformers and compares.",
-        "",
-        "## Validation during training",
-        "",
-    ]
-    for name, r in results.items():
-        if "history" not in r["train"]:
-            lines.append(f"- synthetic-{name}: reused from an earlier run (`--reuse`), no history recorded")
-            continue
-        points = ", ".join(f"{h['step']}: {100 * h['val_accuracy']:.0f}%" for h in r["train"]["history"])
-        lines.append(f"- synthetic-{name} (step: accuracy on {meta['val_examples']} val examples): {points}")
-    lines.append("")
-    (out / "MODEL_CARD.md").write_text("\n".join(lines))
-
-
-def checkpoint_megabytes(path: Path) -> float:
-    return sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1e6
 
 
 # ---------------------------------------------------------------------------
@@ -394,17 +470,21 @@ def checkpoint_megabytes(path: Path) -> float:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("shared/models"))
-    parser.add_argument("--small-steps", type=int, default=2400)
-    parser.add_argument("--large-steps", type=int, default=2400)
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--small-steps", type=int, default=3000)
+    parser.add_argument("--large-steps", type=int, default=8000)
+    parser.add_argument("--batch", type=int, default=TrainConfig.batch, help="images per step")
     parser.add_argument("--small-lr", type=float, default=1e-3)
-    parser.add_argument("--large-lr", type=float, default=7e-4)
+    parser.add_argument("--large-lr", type=float, default=1e-3)
     parser.add_argument("--curriculum", type=float, default=TrainConfig.curriculum)
+    parser.add_argument("--grounding", type=float, default=TrainConfig.grounding, help="aux loss weight")
+    parser.add_argument("--questions", type=int, default=TrainConfig.questions, help="questions per image")
+    parser.add_argument("--early-answer", type=float, default=TrainConfig.early_answer, help="aux weight")
+    parser.add_argument("--grounding-heads", choices=["tied", "linear"], default="tied")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--eval-every", type=int, default=400)
-    parser.add_argument("--val-examples", type=int, default=100)
+    parser.add_argument("--eval-every", type=int, default=TrainConfig.eval_every)
+    parser.add_argument("--val-examples", type=int, default=TrainConfig.val_examples)
     parser.add_argument("--test-examples", type=int, default=TEST_EXAMPLES)
     parser.add_argument("--card-only", action="store_true", help="rewrite MODEL_CARD.md from accuracy.json")
     parser.add_argument("--models", nargs="+", default=["small", "large"], choices=sorted(PRESETS))
@@ -418,11 +498,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def recorded_train_stats(out: Path, name: str) -> dict | None:
+    if not (out / "accuracy.json").exists():
+        return None
+    return json.loads((out / "accuracy.json").read_text())["models"].get(name, {}).get("train")
+
+
 def train_one(name, tokenizer, steps, lrs, args, device, val):
     """Train preset ``name`` from scratch; returns (model, stats)."""
     with tempfile.TemporaryDirectory() as scratch:
         # The checkpoint's own files (tokenizer, template, tiling) build every input, as in serving.
-        untrained = InternVLForConditionalGeneration(tiny_internvl_config(PRESETS[name], tokenizer))
+        preset = PRESETS[name]
+        untrained = InternVLForConditionalGeneration(tiny_internvl_config(preset, tokenizer))
         files = ModelFiles.load(save_checkpoint(untrained, tokenizer, Path(scratch) / name, TILING))
         config = TrainConfig(
             steps=steps[name],
@@ -432,8 +519,12 @@ def train_one(name, tokenizer, steps, lrs, args, device, val):
             val_examples=args.val_examples,
             seed=args.seed,
             curriculum=args.curriculum,
+            grounding=args.grounding,
+            questions=args.questions,
+            early_answer=args.early_answer,
+            tied_grounding=args.grounding_heads == "tied",
         )
-        return train_model(name, files, config, device, val)
+        return train_model(name, preset, files, config, device, val)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -454,8 +545,8 @@ def main(argv: list[str] | None = None) -> int:
         if name in args.reuse:
             path = args.out / f"synthetic-{name}"
             model = InternVLForConditionalGeneration.from_pretrained(path).to(device).eval()
-            # trained by an earlier run: only what the checkpoint itself says
-            stats = {
+            # trained by an earlier run: its recorded training figures if accuracy.json has them
+            stats = recorded_train_stats(args.out, name) or {
                 "reused": str(path),
                 "parameters": sum(t.numel() for t in model.parameters()),
                 "preset": asdict(PRESETS[name]),
@@ -489,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
         "tiling": asdict(TILING),
         "command": " ".join(["python", *sys.argv]),
     }
-    write_accuracy(args.out, results, meta)
+    write_accuracy(args.out, merge_results(args.out, results, meta, list(PRESETS)), meta)
     write_model_card(args.out)
     log(f"wrote {args.out / 'MODEL_CARD.md'}")
     return 0

@@ -1,0 +1,137 @@
+"""The synthetic pair's record: ``accuracy.json`` (every figure, per-example predictions) and ``MODEL_CARD.md``.
+
+``bench/train_pair.py`` writes the record; the card is rendered from the record
+alone, so it can be rewritten (``train_pair.py --card-only``) without retraining
+and ``tests/test_synthetic.py`` can re-check every figure it states.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from stitchvlm.shared.synthetic import QTYPES
+
+CHANCE = {"colour": "1/7", "shape": "1/7", "count": "1/4", "digit": "1/10", "spatial": "1/7"}
+
+
+def checkpoint_megabytes(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1e6
+
+
+def write_accuracy(out: Path, results: dict[str, dict], meta: dict) -> None:
+    """accuracy.json: every number of the card plus per-example test predictions, for tests to read."""
+    (out / "accuracy.json").write_text(json.dumps({"meta": meta, "models": results}, indent=1) + "\n")
+
+
+def merge_results(out: Path, results: dict[str, dict], meta: dict, order: Sequence[str]) -> dict[str, dict]:
+    """``results`` plus the models an earlier run recorded in accuracy.json on the same test set.
+
+    Lets the two models train in separate processes (one thread each) and share one card;
+    ``order``: the model names in the order the card lists them.
+    """
+    if not (out / "accuracy.json").exists():
+        return results
+    record = json.loads((out / "accuracy.json").read_text())
+    same_test = all(record["meta"].get(k) == meta[k] for k in ("seed", "test_examples", "tiling"))
+    merged = {name: r for name, r in record["models"].items() if same_test and name not in results}
+    merged.update(results)
+    return {name: merged[name] for name in order if name in merged}
+
+
+def write_model_card(out: Path) -> None:
+    """MODEL_CARD.md from accuracy.json."""
+    record = json.loads((out / "accuracy.json").read_text())
+    meta, results = record["meta"], record["models"]
+    tiling = meta["tiling"]
+    lines = [
+        "# Synthetic pair: synthetic-small and synthetic-large",
+        "",
+        "Two InternVL models (the `InternVLForConditionalGeneration` architecture of the InternVL3-*-hf",
+        "checkpoints) trained from scratch by `bench/train_pair.py` on `stitchvlm.shared.synthetic`.",
+        "They exist so the cascade has a small and a large model that really answer and differ in how",
+        "well. Not for any other use.",
+        "",
+        "## Data",
+        "",
+        "- 448 x 448 images of 3-6 coloured shapes (7 colours, 7 shapes, 34-48 px; some hold a printed",
+        "  digit), one per cell of an 8 x 8 grid of 56 px cells (the visual-token grid of the 2 x 2 tiling),",
+        "  on a light background; one question per image, answered with one word or digit",
+        f"- question types: {', '.join(QTYPES)} (uniform); train, val and test are disjoint seed streams",
+        f"- test: the first {meta['test_examples']} examples of the `test` split, seed {meta['seed']}",
+        f"- tiling: {tiling['tile_size']} px tiles, 2 x 2 grid + thumbnail = 5 tiles, "
+        f"{tiling['tokens_per_tile']} tokens per tile, {5 * tiling['tokens_per_tile']} visual tokens",
+        f"- tokenizer: byte-level BPE, {meta['vocab_size']} tokens, shared by both models",
+        "",
+        "## Training",
+        "",
+        f"- device: {meta['device']}, torch {meta['torch']}, {meta['platform']}",
+        "- each training image is one conversation: the question exactly as serving sends it, then",
+        "  further questions about the same image as follow-up turns (the chat template's multi-turn",
+        "  form); loss on every answer token and its `<|im_end|>`",
+        "- two auxiliary losses, dropped with their heads after training (the checkpoints are the plain",
+        "  model): grounding (each visual token's embedding predicts the colour, shape and digit of the",
+        "  object it covers, through the LM's tied word embeddings) and early answer (the answer's first",
+        "  token predicted already at the question's last word, one attention hop from the image).",
+        "  Neither supervises attention: which visual tokens a model reads (what SGP's scores measure)",
+        "  is learned from the answers",
+        "- curriculum: scenes start with 2 objects and reach the standard 3-6 after the fraction of",
+        "  steps below; AdamW (betas 0.9/0.98, weight decay on matrices), warmup then cosine decay",
+        *[
+            f"- synthetic-{name}: `{r['train']['command']}` ({r['train']['threads']} threads)"
+            for name, r in results.items()
+            if "command" in r["train"]
+        ],
+        "",
+        "| model | ViT (width x depth) | LM (width x depth) | parameters | steps x images x questions "
+        "| peak lr | curriculum | train time | images/s | safetensors |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, r in results.items():
+        lines.append(_model_row(name, r))
+    lines += [
+        "",
+        "## Test accuracy (%, exact match, greedy `model.generate`, at most 4 new tokens)",
+        "",
+        "| model | overall | " + " | ".join(QTYPES) + " | first 60 |",
+        "| --- | ---: | " + " | ".join("---:" for _ in QTYPES) + " | ---: |",
+    ]
+    for name, r in results.items():
+        t = r["test"]
+        per_type = " | ".join(f"{100 * t['per_qtype'].get(q, float('nan')):.1f}" for q in QTYPES)
+        lines.append(
+            f"| synthetic-{name} | {100 * t['accuracy']:.1f} | {per_type} | {100 * r['first_60_accuracy']:.1f} |"
+        )
+    lines += [
+        "",
+        "Chance level per type: " + ", ".join(f"{q} {CHANCE[q]}" for q in QTYPES) + ".",
+        "Per-example test predictions are in `accuracy.json`; `tests/test_synthetic.py` re-scores them",
+        "and re-generates the first 60 with transformers.",
+        "",
+        "## Validation during training",
+        "",
+    ]
+    for name, r in results.items():
+        if "history" not in r["train"]:
+            lines.append(f"- synthetic-{name}: reused from an earlier run (`--reuse`), no history recorded")
+            continue
+        points = ", ".join(f"{h['step']}: {100 * h['val_accuracy']:.0f}%" for h in r["train"]["history"])
+        lines.append(f"- synthetic-{name} (step: accuracy on {meta['val_examples']} val examples): {points}")
+    lines.append("")
+    (out / "MODEL_CARD.md").write_text("\n".join(lines))
+
+
+def _model_row(name: str, r: dict) -> str:
+    s, p = r["train"], r["train"]["preset"]
+    sizes = (
+        f"| synthetic-{name} | {p['vision_hidden']} x {p['vision_layers']} | {p['text_hidden']} x "
+        f"{p['text_layers']} | {s['parameters'] / 1e6:.2f}M"
+    )
+    if "config" not in s:  # --reuse: trained by an earlier run whose figures are not recorded here
+        return f"{sizes} | — | — | — | — | — | {r['checkpoint_mb']:.1f} MB |"
+    c = s["config"]
+    return (
+        f"{sizes} | {s['steps']} x {s['batch']} x {c['questions']} | {c['lr']:g} | {c['curriculum']:g} "
+        f"| {s['train_seconds'] / 60:.1f} min | {s['samples_per_second']:.1f} | {r['checkpoint_mb']:.1f} MB |"
+    )

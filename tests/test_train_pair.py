@@ -1,0 +1,152 @@
+"""The pair trainer's inputs (bench/train_pair.py, bench/grounding.py) against independent references.
+
+What the trainer feeds the model must be what serving feeds it (prompt ids,
+pixels) plus well-formed training-only extras (follow-up turns rendered by
+transformers' own chat template, grounding targets that name the object under
+each token, early-answer positions on the question's last word).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))  # train_pair imports its sibling grounding.py, as when run as a script
+
+import grounding  # noqa: E402
+import train_pair  # noqa: E402
+from transformers import AutoTokenizer, InternVLForConditionalGeneration  # noqa: E402
+
+from stitchvlm.cloud.checkpoints import build_tokenizer, save_checkpoint, tiny_internvl_config  # noqa: E402
+from stitchvlm.shared.model_files import ModelFiles  # noqa: E402
+from stitchvlm.shared.preprocess import compute_layout, preprocess_image  # noqa: E402
+from stitchvlm.shared.synthetic import (  # noqa: E402
+    CELL,
+    COLOURS,
+    DIGITS,
+    SHAPES,
+    make_example,
+    more_questions,
+    vocabulary_corpus,
+)
+
+
+@pytest.fixture(scope="module")
+def small_dir(tmp_path_factory) -> Path:
+    """An untrained checkpoint of the small preset with the pair's tokenizer and tiling."""
+    tokenizer = build_tokenizer(vocabulary_corpus())
+    torch.manual_seed(0)
+    model = InternVLForConditionalGeneration(tiny_internvl_config(train_pair.PRESETS["small"], tokenizer))
+    return save_checkpoint(model, tokenizer, tmp_path_factory.mktemp("pair") / "small", train_pair.TILING)
+
+
+def test_conversation_ids_equal_transformers_chat_template(small_dir):
+    """Guards against training turns that serving would never produce: the whole multi-turn sequence
+    must be transformers' ``apply_chat_template`` of the conversation with the image expanded as
+    ``InternVLProcessor`` expands it; labels only on the answers and their ``<|im_end|>``."""
+    files = ModelFiles.load(small_dir)
+    hf = AutoTokenizer.from_pretrained(small_dir)
+    for seed in range(4):
+        example = make_example(seed, "train")
+        follow_ups = more_questions(example, np.random.default_rng(seed), 3)
+        encoded = train_pair.encode_example(files, example, follow_ups)
+
+        content = [{"type": "image"}, {"type": "text", "text": example.question}]
+        messages = [{"role": "user", "content": content}, {"role": "assistant", "content": example.answer}]
+        for question in follow_ups:
+            messages += [
+                {"role": "user", "content": question.text},
+                {"role": "assistant", "content": question.answer},
+            ]
+        text = hf.apply_chat_template(messages, tokenize=False)
+        n = encoded.layout.num_visual_tokens
+        text = text.replace("<IMG_CONTEXT>", "<img>" + "<IMG_CONTEXT>" * n + "</img>", 1)
+        reference = hf(text)["input_ids"]
+        # the template's last "\n" follows the final <|im_end|>; generation never sees it
+        assert encoded.input_ids.tolist() == reference[:-1] and hf.decode(reference[-1:]) == "\n"
+
+        supervised = encoded.labels[encoded.labels != train_pair.IGNORE_INDEX]
+        answers = [example.answer, *(q.answer for q in follow_ups)]
+        assert hf.decode(supervised.tolist()) == "".join(f"{a}<|im_end|>" for a in answers)
+        assert np.array_equal(encoded.labels[encoded.labels != train_pair.IGNORE_INDEX], supervised)
+
+        # early answers: the token right before each "?" ends the question's last word
+        questions = [example.question, *(q.text for q in follow_ups)]
+        assert len(encoded.early) == len(questions)
+        for (position, first_id), question, answer in zip(encoded.early, questions, answers, strict=True):
+            last_word = question[:-1].split()[-1]
+            assert hf.decode(encoded.input_ids[position : position + 2].tolist()).strip() == f"{last_word}?"
+            assert first_id == hf(answer, add_special_tokens=False)["input_ids"][0]
+
+
+def test_batch_pixels_equal_serving_pixels_bit_for_bit(small_dir):
+    """Guards against the trainer's fast uint8 -> float path drifting from ``preprocess_image``."""
+    files = ModelFiles.load(small_dir)
+    examples = [make_example(seed, "train") for seed in range(3)]
+    batch = train_pair.collate(files, examples)
+    serving = np.concatenate([preprocess_image(e.image, files.tiling)[0] for e in examples])
+    assert batch["pixel_values"].dtype == torch.float32
+    assert np.array_equal(batch["pixel_values"].numpy(), serving)
+
+
+def test_grounding_targets_name_the_object_in_its_token_cell():
+    """Guards against targets that label the wrong token: computed here from the cell grid (an
+    object in cell (column, row) is grid tile (row // 4) * 2 + column // 4, token (row % 4) * 4 +
+    column % 4), independently of ``token_regions``."""
+    layout = compute_layout(448, 448, train_pair.TILING)
+    assert layout.grid_columns == layout.grid_rows == 2 and layout.tokens_per_tile == 16
+    for seed in range(10):
+        example = make_example(seed, "train")
+        targets = grounding.token_targets(example, layout)  # [80, 3]
+        expected = np.zeros((64, 3), dtype=np.int64)  # the four grid tiles' tokens
+        for obj in example.objects:
+            column, row = int(obj.centre[0] // CELL), int(obj.centre[1] // CELL)
+            token = ((row // 4) * 2 + column // 4) * 16 + (row % 4) * 4 + column % 4
+            digit = 0 if obj.digit is None else 1 + DIGITS.index(obj.digit)
+            expected[token] = (1 + list(COLOURS).index(obj.colour), 1 + SHAPES.index(obj.shape), digit)
+        assert np.array_equal(targets[:64], expected)
+        # thumbnail tokens (112 px of the image each) name one of the objects they hold, or none
+        for token in range(16):
+            ty, tx = divmod(token, 4)
+            inside = [o for o in example.objects if o.centre[0] // 112 == tx and o.centre[1] // 112 == ty]
+            colour, shape, _ = targets[64 + token]
+            if not inside:
+                assert (colour, shape) == (0, 0)
+            else:
+                assert (colour, shape) in {
+                    (1 + list(COLOURS).index(o.colour), 1 + SHAPES.index(o.shape)) for o in inside
+                }
+
+
+def test_projector_tap_returns_the_embeddings_spliced_into_the_prompt(small_dir):
+    """Guards against grounding heads reading other vectors than the visual tokens the LM gets."""
+    files = ModelFiles.load(small_dir)
+    model = InternVLForConditionalGeneration.from_pretrained(small_dir).eval()
+    tap = grounding.ProjectorTap(model)
+    batch = train_pair.collate(files, [make_example(seed, "train") for seed in range(2)])
+    with torch.no_grad():
+        model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")})
+        features = model.model.get_image_features(batch["pixel_values"]).pooler_output
+    tap.remove()
+    assert torch.equal(tap.visual_embeds(2), features.reshape(2, -1, features.shape[-1]))
+
+
+def test_a_few_training_steps_run_and_lower_the_loss(small_dir, tmp_path):
+    """Guards against the training loop (follow-ups, grounding, early answers, curriculum) crashing
+    or not learning: a handful of steps on one repeated batch must lower the answer loss."""
+    files = ModelFiles.load(small_dir)
+    config = train_pair.TrainConfig(
+        steps=12, batch=2, lr=3e-3, eval_every=0, questions=3, grounding=1.0, early_answer=1.0
+    )
+    val = [make_example(seed, "val") for seed in range(2)]
+    model, stats = train_pair.train_model(
+        "small", train_pair.PRESETS["small"], files, config, torch.device("cpu"), val
+    )
+    assert stats["steps"] == 12 and len(stats["history"]) == 1 and stats["history"][0]["step"] == 12
+    assert stats["final_loss"] < stats["first_loss"]
