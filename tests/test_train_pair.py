@@ -150,3 +150,17 @@ def test_a_few_training_steps_run_and_lower_the_loss(small_dir, tmp_path):
     )
     assert stats["steps"] == 12 and len(stats["history"]) == 1 and stats["history"][0]["step"] == 12
     assert stats["final_loss"] < stats["first_loss"]
+
+
+def test_separate_runs_merge_into_one_record(tmp_path):
+    """Guards against a second per-model run (``--models large`` after ``--models small``) dropping the
+    first model from accuracy.json: the meta it compares holds tuples (TilingConfig) where the file,
+    read back from JSON, holds lists."""
+    import model_card
+
+    meta = {"seed": 0, "test_examples": 300, "tiling": train_pair.asdict(train_pair.TILING)}
+    model_card.write_accuracy(tmp_path, {"small": {"test": {"accuracy": 0.5}}}, meta)
+    merged = model_card.merge_results(tmp_path, {"large": {"test": {"accuracy": 0.7}}}, meta, ["small", "large"])
+    assert list(merged) == ["small", "large"] and merged["small"]["test"]["accuracy"] == 0.5
+    other_test = {**meta, "test_examples": 100}
+    assert list(model_card.merge_results(tmp_path, {"large": {}}, other_test, ["small", "large"])) == ["large"]
