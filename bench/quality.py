@@ -521,12 +521,17 @@ def plot(summary: dict, config: QualityConfig, out_dir: Path) -> list[Path]:
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
     acc = summary["accuracy"]
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     xs = [100 * r for r in RETENTIONS]
     for method, label in PRUNED_METHODS.items():
-        ax.plot(xs, [100 * acc[key(method, r)] for r in RETENTIONS], marker="o", label=label.split(",")[0])
+        # "..., K" takes the run's K; "..., K = 0" names its own. A^P only and A draw over each other
+        # when they keep the same tokens: dashed, so both show.
+        label = label + f" = {config.prune_layer}" if label.endswith(", K") else label
+        style = "--" if method == "sgp_prefill" else "-"
+        ax.plot(xs, [100 * acc[key(method, r)] for r in RETENTIONS], marker="o", linestyle=style, label=label)
     ax.axhline(100 * acc["large"], color="black", linestyle="--", label="large, all tokens")
     ax.axhline(100 * acc["small"], color="gray", linestyle=":", label="small, all tokens")
     ax.set(
@@ -535,6 +540,7 @@ def plot(summary: dict, config: QualityConfig, out_dir: Path) -> list[Path]:
         title=f"Large model pruned at K = {config.prune_layer}",
     )
     ax.set_xscale("log")
+    ax.xaxis.set_minor_locator(NullLocator())  # only the R values are labelled
     ax.set_xticks(xs, [f"{x:.0f}" for x in xs])
     ax.legend(fontsize=7)
     fig.tight_layout()
