@@ -4,8 +4,10 @@ A VLM trained from scratch on answers alone learns the answer prior long before
 its vision tower tells a triangle from a star (the first attempts at the pair
 sat near chance for thousands of steps). The trainer therefore adds a dense
 loss: from each visual token's embedding (the projector's output, the exact
-vectors the language model reads), small linear heads predict the colour,
-shape and digit of the object that token covers, or "nothing". The targets
+vectors the language model reads), heads predict the colour, shape and digit
+of the object that token covers, or "nothing": by default through the LM's own
+word embeddings of the attribute words (``TiedGroundingHeads``), else small
+linear heads (``GroundingHeads``). The targets
 come from the generator's object list and ``token_regions``; the heads are
 thrown away after training, so the saved checkpoints are plain
 ``InternVLForConditionalGeneration`` weights.
