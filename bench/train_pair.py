@@ -64,7 +64,7 @@ from stitchvlm.cloud.checkpoints import (
 )
 from stitchvlm.shared.layout import Layout, TilingConfig
 from stitchvlm.shared.model_files import ModelFiles
-from stitchvlm.shared.preprocess import normalization_table, preprocess_image, tile_image
+from stitchvlm.shared.preprocess import normalize_tiles, preprocess_image, tile_image
 from stitchvlm.shared.prompt import answer_ids, build_prompt, decode_answer, render_chat_template
 from stitchvlm.shared.synthetic import (
     QTYPES,
@@ -207,17 +207,6 @@ def encode_example(files: ModelFiles, example: Example, follow_ups: Sequence[Que
     return Encoded(input_ids, labels, tiles, layout, early)
 
 
-def normalize_batch(tiles: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """uint8 tiles ``[n, 3, h, w]`` -> float32 pixels through ``normalization_table`` (``[3, 256]``).
-
-    The same lookup as ``preprocess_image``, so training pixels equal serving pixels bit for bit.
-    """
-    out = torch.empty(tiles.shape, dtype=torch.float32)
-    for channel in range(3):
-        out[:, channel] = table[channel][tiles[:, channel].int()]
-    return out
-
-
 def collate(
     files: ModelFiles,
     examples: list[Example],
@@ -240,12 +229,12 @@ def collate(
         input_ids[row, : len(enc.input_ids)] = enc.input_ids
         labels[row, : len(enc.labels)] = enc.labels
         attention_mask[row, : len(enc.input_ids)] = 1
-    tiles = torch.from_numpy(np.concatenate([enc.tiles for enc in encoded]))
+    tiles = np.concatenate([enc.tiles for enc in encoded])  # [tiles, 3, h, w] uint8
     batch = {
         "input_ids": torch.from_numpy(input_ids),
         "attention_mask": torch.from_numpy(attention_mask),
         "labels": torch.from_numpy(labels),
-        "pixel_values": normalize_batch(tiles, torch.from_numpy(normalization_table(files.tiling))),
+        "pixel_values": torch.from_numpy(normalize_tiles(tiles, files.tiling)),
         # [n, 3]: (row, position, answer's first id) of every question's last word
         "early_answers": torch.tensor(
             [(row, *pair) for row, enc in enumerate(encoded) for pair in enc.early]

@@ -224,27 +224,19 @@ def tile_image(image: Image.Image, config: TilingConfig) -> tuple[np.ndarray, La
     return tiles, layout
 
 
-def normalization_table(config: TilingConfig) -> np.ndarray:
-    """``[3, 256]`` float32: the normalised value of each uint8 level in each channel.
+def normalize_tiles(tiles: np.ndarray, config: TilingConfig) -> np.ndarray:
+    """uint8 tiles ``[n, 3, h, w]`` -> float32 ``(x / 255 - mean) / std``.
 
     The rescale runs in float64 and is cast to float32 before normalising, as
     the reference does (a float32 multiply by 1/255 differs in the last bit for
-    half of the levels).
+    half of the levels). A uint8 channel has only 256 values, so the result is
+    looked up in a table computed with exactly those operations.
     """
     levels = np.arange(256, dtype=np.uint8)[None, :, None]  # [1, 256, 1]
     scaled = (levels.astype(np.float64) * RESCALE_FACTOR).astype(np.float32)
     mean = np.asarray(config.image_mean, dtype=np.float32)[:, None, None]  # [3, 1, 1]
     std = np.asarray(config.image_std, dtype=np.float32)[:, None, None]  # [3, 1, 1]
-    return ((scaled - mean) / std)[:, :, 0]
-
-
-def normalize_tiles(tiles: np.ndarray, config: TilingConfig) -> np.ndarray:
-    """uint8 tiles ``[n, 3, h, w]`` -> float32 ``(x / 255 - mean) / std``.
-
-    A uint8 channel has only 256 values, so the result is looked up in
-    ``normalization_table``, computed with exactly the reference's operations.
-    """
-    table = normalization_table(config)  # table: [3, 256] float32
+    table = ((scaled - mean) / std)[:, :, 0]  # table: [3, 256] float32
     out = np.empty(tiles.shape, dtype=np.float32)  # out: [n, 3, h, w]
     for channel in range(3):
         out[:, channel] = table[channel][tiles[:, channel]]
