@@ -23,10 +23,8 @@ from stitchvlm.shared.synthetic import (
     CELL,
     COLOURS,
     IMAGE_SIZE,
-    MAX_COUNT,
     QTYPES,
     RELATIONS,
-    SHAPES,
     SPLITS,
     Example,
     Question,
@@ -201,6 +199,8 @@ def test_curriculum_levels_only_simplify_training_scenes():
     assert image_hash(make_example(11, "train", level=1.0)) == image_hash(standard)
     assert {len(example.objects) for example in dataset_at_level(0.0, 40)} == {2}
     assert {len(example.objects) for example in dataset("train", 60)} == {3, 4, 5, 6}
+    with pytest.raises(ValueError):
+        scene_limits(1.5)
 
 
 def test_objects_sit_one_per_token_cell(train_examples):
@@ -365,15 +365,8 @@ def test_committed_pair_answers_as_recorded():
         )
         stated = record["models"][name.removeprefix("synthetic-")]["first_60_accuracy"]
         assert abs(accuracy[name] - stated) <= ALLOWED_FLIPS / CHECKED_TEST_EXAMPLES
-    # The pair must really answer (above chance), the large model the better one; neither is perfect.
-    assert chance_accuracy() < accuracy["synthetic-small"] < accuracy["synthetic-large"] < 1.0
-
-
-def chance_accuracy() -> float:
-    """Expected accuracy of guessing uniformly among the answers of the asked question type."""
-    answers = {"colour": len(COLOURS), "shape": len(SHAPES), "count": MAX_COUNT, "digit": 10}
-    answers["spatial"] = len(SHAPES)
-    return float(np.mean([1 / answers[qtype] for qtype in QTYPES]))
+    # The pair must really answer, and the large model must be the better one; neither is perfect.
+    assert 0.3 < accuracy["synthetic-small"] < accuracy["synthetic-large"] < 1.0
 
 
 @requires_pair

@@ -160,7 +160,11 @@ def test_separate_runs_merge_into_one_record(tmp_path):
 
     meta = {"seed": 0, "test_examples": 300, "tiling": train_pair.asdict(train_pair.TILING)}
     model_card.write_accuracy(tmp_path, {"small": {"test": {"accuracy": 0.5}}}, meta)
-    merged = model_card.merge_results(tmp_path, {"large": {"test": {"accuracy": 0.7}}}, meta, ["small", "large"])
+    merged = model_card.merge_results(
+        tmp_path, {"large": {"test": {"accuracy": 0.7}}}, meta, ["small", "large"]
+    )
     assert list(merged) == ["small", "large"] and merged["small"]["test"]["accuracy"] == 0.5
     other_test = {**meta, "test_examples": 100}
-    assert list(model_card.merge_results(tmp_path, {"large": {}}, other_test, ["small", "large"])) == ["large"]
+    assert list(model_card.merge_results(tmp_path, {"large": {}}, other_test, ["small", "large"])) == [
+        "large"
+    ]
