@@ -44,6 +44,8 @@ MIME_FORMATS: dict[str, tuple[str, ...]] = {
     "image/bmp": ("BMP",),
     "image/gif": ("GIF",),
 }
+# Modes in which Pillow holds 16-bit greyscale (a 16-bit PNG opens as I;16, as I before Pillow 10).
+WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 # Pillow plugins tried on request bytes; the many other formats Pillow knows stay out.
 _OPEN_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 
@@ -122,13 +124,37 @@ def convert_to_rgb(image: Image.Image) -> Image.Image:
     GOT-OCR2 processor applies with ``do_convert_rgb``): an image with an alpha
     band or a ``transparency`` entry goes through RGBA and ``alpha_composite``
     over opaque white; every other mode is ``convert("RGB")`` (L, P, CMYK...).
+
+    Except 16-bit greyscale (``I;16`` and friends, and ``I`` as older Pillow
+    opens such PNGs): ``convert`` clips those at 255, so an ordinary 16-bit
+    scan comes out almost white. They are scaled to 8 bits first
+    (``_wide_grey_to_8_bit``); transformers clips them, so here the pixels
+    deliberately differ from its processor.
     """
+    if image.mode in WIDE_GREY_MODES:
+        image = _wide_grey_to_8_bit(image)
     has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
     if not has_alpha:
         return image if image.mode == "RGB" else image.convert("RGB")
     rgba = image.convert("RGBA")
     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     return Image.alpha_composite(white, rgba).convert("RGB")
+
+
+def _wide_grey_to_8_bit(image: Image.Image) -> Image.Image:
+    """16-bit greyscale -> ``L`` (``LA`` when a tRNS grey value marks transparent pixels).
+
+    Each value v in 0..65535 becomes round(v * 255 / 65535) = (v + 128) // 257
+    (v / 257 is never exactly half-way); mode ``I`` values outside 0..65535
+    are clipped first.
+    """
+    values = np.clip(np.asarray(image), 0, 65535).astype(np.uint32)  # [h, w]
+    grey = Image.fromarray(((values + 128) // 257).astype(np.uint8))
+    transparent = image.info.get("transparency")
+    if not isinstance(transparent, int):  # PNG tRNS of a greyscale image is one grey value
+        return grey
+    alpha = Image.fromarray(np.where(values == transparent, 0, 255).astype(np.uint8))
+    return Image.merge("LA", (grey, alpha))
 
 
 # ---------------------------------------------------------------------------

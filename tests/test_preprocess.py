@@ -26,6 +26,7 @@ from stitchvlm.shared.errors import RequestError
 from stitchvlm.shared.layout import Layout, TilingConfig, layout_fingerprint
 from stitchvlm.shared.preprocess import (
     compute_layout,
+    convert_to_rgb,
     decode_image,
     preprocess_image,
     tiling_config_from_files,
@@ -205,6 +206,45 @@ def test_mode_conversion_matches_reference(name):
     assert decoded.mode == "RGB"
     expected = reference_convert(Image.open(io.BytesIO(data)), return_numpy=True)
     np.testing.assert_array_equal(np.asarray(decoded), expected)
+
+
+# 16-bit grey levels and their 8-bit values round(v * 255 / 65535), worked out by hand:
+# 128/257 = 0.498 -> 0, 129/257 = 0.502 -> 1, 1000/257 = 3.89 -> 4, 32768/257 = 127.5019 -> 128.
+WIDE_GREY = [0, 128, 129, 257, 1000, 32768, 65278, 65535]
+WIDE_GREY_8_BIT = [0, 0, 1, 1, 4, 128, 254, 255]
+
+
+def test_16_bit_greyscale_png_is_scaled_to_8_bits():
+    """Guards against 16-bit greyscale PNGs (mode I;16) coming out almost white: Pillow's
+    convert("RGB") clips every value above 255 instead of scaling (issue 13, defect 8)."""
+    values = np.array([WIDE_GREY, WIDE_GREY[::-1]], dtype=np.uint16)  # [2, 8]
+    data = encode(Image.fromarray(values), "PNG")
+    assert Image.open(io.BytesIO(data)).mode == "I;16"
+    decoded = decode_image(data, "image/png")
+    assert decoded.mode == "RGB"
+    expected = np.array([WIDE_GREY_8_BIT, WIDE_GREY_8_BIT[::-1]], dtype=np.uint8)
+    for channel in range(3):
+        np.testing.assert_array_equal(np.asarray(decoded)[..., channel], expected)
+    # preprocess_image of the decoded image equals that of the 8-bit image it should be
+    config = TilingConfig(tile_size=32, max_tiles=1)
+    ours, _ = preprocess_image(decoded, config)
+    eight_bit, _ = preprocess_image(Image.fromarray(expected).convert("RGB"), config)
+    np.testing.assert_array_equal(ours, eight_bit)
+
+
+def test_16_bit_greyscale_transparency_and_mode_i():
+    """Guards against the 16-bit fix dropping a tRNS grey value (transparent pixels must still be
+    composited on white) and against mode I (how older Pillow opens such PNGs) staying clipped."""
+    values = np.array([WIDE_GREY], dtype=np.uint16)  # [1, 8]
+    data = encode(Image.fromarray(values), "PNG", transparency=1000)
+    decoded = np.asarray(decode_image(data, "image/png"))[0, :, 0]
+    expected = list(WIDE_GREY_8_BIT)
+    expected[WIDE_GREY.index(1000)] = 255  # transparent, composited on white
+    assert decoded.tolist() == expected
+
+    wide = Image.fromarray(np.array([[-5, 0, 514, 65535, 70000]], dtype=np.int32))
+    assert wide.mode == "I"
+    assert np.asarray(convert_to_rgb(wide))[0, :, 1].tolist() == [0, 0, 2, 255, 255]
 
 
 def test_decode_round_trips_every_accepted_format():
