@@ -3,17 +3,21 @@
 Edge and cloud each compute the layout from the image size and the checkpoint's
 preprocessing config; the request carries the edge's layout and fingerprint and
 the cloud refuses a mismatch (DESIGN invariant 1). This module only describes a
-layout; the tiling itself is in ``preprocess``.
+layout; the tiling itself is in ``preprocess``. proto/stitch/v1/LAYOUT.md
+specifies both for clients in other languages, with test vectors beside it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import struct
 from dataclasses import dataclass, field
 
 # CLIP normalisation, the InternVL / GOT-OCR2 default.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# First field of the fingerprinted string; v1 was a BLAKE2b-64 over decimal-formatted floats.
+FINGERPRINT_VERSION = "stitch-layout-v2"
 
 
 @dataclass(frozen=True)
@@ -53,21 +57,38 @@ class Layout:
         object.__setattr__(self, "num_visual_tokens", tiles * self.tokens_per_tile)
 
 
+def fingerprint_input(layout: Layout, config: TilingConfig) -> bytes:
+    """The ASCII byte string ``layout_fingerprint`` digests (specified in proto/stitch/v1/LAYOUT.md).
+
+    ``stitch-layout-v2|tile=448|grid=3x2|thumb=1|tpt=256|mean=M0,M1,M2|std=S0,S1,S2``:
+    integers in decimal without leading zeros, ``thumb`` 0 or 1, and each mean
+    and std value as the 16 lowercase hex digits of its IEEE-754 float64 bits,
+    big-endian (no decimal formatting, whose rounding differs between languages).
+    """
+    text = "|".join(
+        [
+            FINGERPRINT_VERSION,
+            f"tile={layout.tile_size}",
+            f"grid={layout.grid_columns}x{layout.grid_rows}",
+            f"thumb={int(layout.thumbnail)}",
+            f"tpt={layout.tokens_per_tile}",
+            "mean=" + ",".join(_float64_hex(v) for v in config.image_mean),
+            "std=" + ",".join(_float64_hex(v) for v in config.image_std),
+        ]
+    )
+    return text.encode("ascii")
+
+
 def layout_fingerprint(layout: Layout, config: TilingConfig) -> int:
     """64-bit digest of everything that decides which visual token is which.
 
     Two sides with equal fingerprints put the same pixels behind the same token
     index: same grid, tile size, thumbnail, tokens per tile and normalisation.
+    The first 8 bytes of SHA-256 over ``fingerprint_input``, read as a
+    big-endian unsigned 64-bit integer (what every standard library can compute).
     """
-    canonical = "|".join(
-        [
-            "stitch-layout-v1",
-            f"tile={layout.tile_size}",
-            f"grid={layout.grid_columns}x{layout.grid_rows}",
-            f"thumb={int(layout.thumbnail)}",
-            f"tpt={layout.tokens_per_tile}",
-            "mean=" + ",".join(f"{v:.8f}" for v in config.image_mean),
-            "std=" + ",".join(f"{v:.8f}" for v in config.image_std),
-        ]
-    )
-    return int.from_bytes(hashlib.blake2b(canonical.encode(), digest_size=8).digest(), "big")
+    return int.from_bytes(hashlib.sha256(fingerprint_input(layout, config)).digest()[:8], "big")
+
+
+def _float64_hex(value: float) -> str:
+    return struct.pack(">d", float(value)).hex()
