@@ -11,7 +11,10 @@ This module composes the stock ``transformers`` modules of a loaded
 ``InternVLForConditionalGeneration`` (vision tower, projector, decoder layers,
 final norm, LM head); it never copies or patches a modeling file. It knows
 nothing about images or tokenization: callers hand it pixel values and token
-ids (``engine`` does preprocessing and prompts). Batch size is 1.
+ids (``engine`` does preprocessing and prompts). Prefill and ``generate`` run
+one sequence (batch 1, the reference the batched path is tested against);
+``decode_batch`` advances many prefilled sequences by one token in one forward
+pass over a ``RowKVCache`` (``scheduler`` decides which).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache, InternVLForConditionalGeneration
+
+from .batch_cache import RowKVCache
 
 
 class GenerationCancelled(Exception):
@@ -182,6 +187,36 @@ class SGPModel:
         position_ids = torch.tensor([[position]], device=self.device)
         hidden = self._run_layers(hidden, position_ids, range(self.num_layers), cache, causal=False)
         return self._logits(hidden)
+
+    @torch.inference_mode()
+    def decode_batch(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: RowKVCache) -> torch.Tensor:
+        """One decode step for every row of ``cache``.
+
+        token_ids, positions: [rows] (each row's last token and its absolute
+        position, which continues from the row's full prompt length) -> next-token
+        logits [rows, vocab] float32. Each layer attends through its own padding
+        mask, since rows and layers hold KV of different lengths.
+        """
+        ids = token_ids.to(self.device)[:, None]  # [rows, 1]
+        position_ids = positions.to(self.device)[:, None]  # [rows, 1]
+        hidden = self.language_model.embed_tokens(ids)  # [rows, 1, hidden]
+        position_embeddings = self.language_model.rotary_emb(hidden, position_ids)
+        masks = cache.begin_step(hidden.dtype)  # per layer [rows, 1, 1, L_layer + 1]
+        completed = False
+        try:
+            for i, layer in enumerate(self.language_model.layers):
+                hidden = layer(
+                    hidden,
+                    attention_mask=masks[i],
+                    position_ids=position_ids,
+                    position_embeddings=position_embeddings,
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+            completed = True
+        finally:
+            cache.end_step(completed)
+        return self.model.lm_head(self.language_model.norm(hidden))[:, -1].float()
 
     @torch.inference_mode()
     def generate(

@@ -56,6 +56,17 @@ def tiny_large_checkpoint(tmp_path_factory, tiny_tokenizer) -> Path:
     return make_tiny_checkpoint(out, preset="tiny-large", seed=1, tokenizer=tiny_tokenizer)
 
 
+@pytest.fixture(scope="module")
+def hf(tiny_checkpoint):
+    """``tiny_checkpoint`` loaded by transformers itself: (model [sdpa, eval], tokenizer, image processor)."""
+    from transformers import AutoTokenizer, GotOcr2ImageProcessorPil, InternVLForConditionalGeneration
+
+    model = InternVLForConditionalGeneration.from_pretrained(tiny_checkpoint, attn_implementation="sdpa").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    processor = GotOcr2ImageProcessorPil.from_pretrained(tiny_checkpoint)
+    return model, tokenizer, processor
+
+
 def make_test_image(width: int, height: int, seed: int = 0) -> Image.Image:
     """An RGB image of a coloured background with a few random ellipses, rectangles and lines."""
     rng = np.random.default_rng(seed)

@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from conftest import make_test_image  # noqa: E402
-from transformers import AutoTokenizer, GotOcr2ImageProcessorPil, InternVLForConditionalGeneration  # noqa: E402
+from transformers import InternVLForConditionalGeneration  # noqa: E402
 
 from stitchvlm.cloud.sgp import SGPModel, kept_sequence_positions, resolve_prune_layer  # noqa: E402
 
@@ -22,16 +22,6 @@ QUESTIONS = [
     "Describe the image.",
 ]
 IMAGE_SIZES = [(64, 64), (200, 70), (90, 260)]
-
-
-@pytest.fixture(scope="module")
-def hf(tiny_checkpoint):
-    model = InternVLForConditionalGeneration.from_pretrained(
-        tiny_checkpoint, attn_implementation="sdpa"
-    ).eval()
-    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
-    processor = GotOcr2ImageProcessorPil.from_pretrained(tiny_checkpoint)
-    return model, tokenizer, processor
 
 
 def hf_inputs(hf, size, question, seed=0):
