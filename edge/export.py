@@ -10,6 +10,12 @@ Writes, into ``--out``:
   answer length for the consistency pass). ``--no-scores`` exports the same
   decoder without the score (``UnscoredDecoder``), for benchmarks only: the
   runtime refuses it;
+  ``--graph lean`` writes instead the graph ``lean_decoder`` builds op by op
+  from the weights (ORT's fused GroupQueryAttention, RotaryEmbedding,
+  SkipSimplifiedLayerNormalization; the score beside the fused attention for
+  the scoring rows only; KV in buffers shared between past and present). Same
+  I/O names; the sidecar's ``graph`` tells the runtime how to bind its cache.
+  The traced graph (``--graph explicit``, the default) stays the reference;
 - ``embed_tokens.npy``: the token embedding matrix [vocab, hidden]. A plain
   array, not a third graph: the lookup is one numpy gather, the runtime needs
   single rows for each decode step and arbitrary rows for the consistency pass,
@@ -62,8 +68,9 @@ from stitchvlm.shared.model_files import ModelFiles
 from stitchvlm.shared.prompt import build_prompt
 
 from .export_modules import ScoringDecoder, UnscoredDecoder, VisionEncoder, check_supported
+from .lean_decoder import check_lean_supported, export_lean_decoder
 from .runtime import CPU, EdgeModel
-from .sidecar import DTYPES, DecoderDims, EdgeSidecar, GraphIO, TokenIds
+from .sidecar import DTYPES, GRAPHS, DecoderDims, EdgeSidecar, GraphIO, TokenIds
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 DEFAULT_OPSET = 17  # LayerNormalization (the ViT's) needs 17
@@ -129,10 +136,15 @@ class ExportConfig:
     # torch device the model is traced on. The tracer runs the model once; CPUs without fp16
     # matmul run an fp16 ViT-300M trace at ~0.5 GFLOP/s (tens of minutes), a GPU in seconds.
     device: str = "cpu"
+    # Decoder graph (sidecar.GRAPHS): "explicit" traces ScoringDecoder (the reference);
+    # "lean" builds lean_decoder's graph of fused ORT ops with shared KV buffers.
+    graph: str = "explicit"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.graph not in GRAPHS:
+            raise ValueError(f"graph must be one of {GRAPHS}, got {self.graph!r}")
         if self.opset < DEFAULT_OPSET:
             raise ValueError(f"opset must be >= {DEFAULT_OPSET} (LayerNormalization), got {self.opset}")
 
@@ -292,6 +304,7 @@ def build_sidecar(
     opset: int,
     model_id: str,
     with_scores: bool = True,
+    graph: str = "explicit",
 ) -> EdgeSidecar:
     if files.image_context_id != model.config.image_token_id:
         raise ValueError("tokenizer and config.json disagree on the image token id")
@@ -308,6 +321,7 @@ def build_sidecar(
         tokens_per_tile=files.tiling.tokens_per_tile,
         opset=opset,
         with_scores=with_scores,
+        graph=graph,
     )
 
 
@@ -324,7 +338,11 @@ def export_edge(config: ExportConfig) -> EdgeSidecar:
     copy_checkpoint_files(Path(config.model_dir), out)
     files = ModelFiles.load(out)
     model_id = config.model_id or Path(config.model_dir).resolve().name
-    sidecar = build_sidecar(model, files, config.dtype, config.opset, model_id, config.with_scores)
+    if config.graph == "lean":
+        check_lean_supported(model)
+    sidecar = build_sidecar(
+        model, files, config.dtype, config.opset, model_id, config.with_scores, config.graph
+    )
     if sidecar.tiling.tile_size != model.config.vision_config.image_size[0]:
         raise ValueError(
             f"preprocessor tile size {sidecar.tiling.tile_size} is not the ViT's "
@@ -333,8 +351,14 @@ def export_edge(config: ExportConfig) -> EdgeSidecar:
 
     progress(f"exporting {sidecar.graphs.vision}")
     export_vision(model, out / sidecar.graphs.vision, config.opset, io)
-    progress(f"exporting {sidecar.graphs.decoder}" + ("" if config.with_scores else " without scores"))
-    export_decoder(model, out / sidecar.graphs.decoder, config.opset, io, config.with_scores)
+    progress(
+        f"exporting {sidecar.graphs.decoder} ({config.graph} graph"
+        + (")" if config.with_scores else ", without scores)")
+    )
+    if config.graph == "lean":
+        export_lean_decoder(model, out / sidecar.graphs.decoder, io, config.with_scores)
+    else:
+        export_decoder(model, out / sidecar.graphs.decoder, config.opset, io, config.with_scores)
     progress(f"saving {sidecar.graphs.embeddings}")
     save_embeddings(model, out / sidecar.graphs.embeddings)
     sidecar.save(out)
@@ -364,6 +388,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-id", default=None, help="name in the sidecar (default: checkpoint dir name)")
     parser.add_argument("--no-verify", action="store_true", help="skip the ORT vs PyTorch check")
     parser.add_argument(
+        "--graph",
+        choices=GRAPHS,
+        default="explicit",
+        help="decoder graph: explicit (traced, the reference) or lean (fused ORT ops, shared KV buffers)",
+    )
+    parser.add_argument(
         "--no-scores",
         action="store_true",
         help="benchmarking only: a decoder without the visual-score output (the runtime refuses it)",
@@ -379,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
             model_id=args.model_id,
             with_scores=not args.no_scores,
             device=args.device,
+            graph=args.graph,
         )
         export_edge(config)
     except (ValueError, FileNotFoundError) as error:
@@ -524,7 +555,9 @@ def verify_export(model_dir: str | Path, edge_dir: str | Path, dtype: str, seed:
         name = "prefill" if index == 0 else f"decode {index}"
         checks.append(_check(f"{name} logits", ort_step.logits[0], ref.logits, tol.logits))
         # every layer's key and value, flattened into one vector per side
-        kv = np.concatenate([value.numpy()[0].astype(np.float32).ravel() for value in ort_step.cache])
+        kv = np.concatenate(
+            [value[0].astype(np.float32).ravel() for value in edge.cache_arrays(ort_step.cache)]
+        )
         checks.append(_check(f"{name} kv", kv, np.concatenate([t.ravel() for t in ref.kv]), tol.kv))
         checks.append(
             _check(f"{name} visual_scores", ort_step.visual_scores[0], ref.visual_scores, tol.visual_scores)

@@ -19,6 +19,11 @@ visual tokens kept, original position ids, and the answer teacher-forced.
 
 On CUDA (CUDAExecutionProvider) the KV cache stays on the device between
 passes through IO binding; on CPU the same code keeps it in ORT's CPU memory.
+The two decoder graphs (``sidecar.graph``) hold it differently: the explicit
+graph returns a new, longer cache each pass (``list[OrtValue]``); the lean
+graph (``lean_decoder``) writes into buffers of a fixed capacity that are both
+its past input and its present output (``KVBuffers``), so a pass copies no
+cache. ``generate`` sizes those buffers to the prompt and the token budget.
 
 This module imports neither torch nor transformers (DESIGN invariant 5), and
 does not gate or talk to the cloud: the SEE gate and the client SDK use it.
@@ -69,13 +74,47 @@ class EdgeGeneration:
     timings: EdgeTimings
 
 
+class _SharedStorage:
+    """The lean graph's per-layer key and value buffers and how many positions they hold."""
+
+    def __init__(self, values: list[ort.OrtValue]) -> None:
+        self.values = values  # key_0, value_0, ... each [batch, kv_heads, capacity, head_dim]
+        self.filled = 0  # positions written so far
+
+
+@dataclass(frozen=True, eq=False)
+class KVBuffers:
+    """The lean decoder's KV cache: the first ``length`` positions of shared, fixed-size buffers.
+
+    A pass writes its new positions into the same buffers, so a cache can be
+    extended once: decoding again from an older ``KVBuffers`` of the same
+    buffers would overwrite what the newer one holds, and ``decode`` refuses it.
+    """
+
+    storage: _SharedStorage
+    length: int  # positions filled: past of the next pass
+
+    @property
+    def capacity(self) -> int:
+        return self.storage.values[0].shape()[2]
+
+    @property
+    def values(self) -> list[ort.OrtValue]:
+        return self.storage.values
+
+
+KVCache = list[ort.OrtValue] | KVBuffers
+
+
 @dataclass(frozen=True, eq=False)
 class DecoderStep:
     """What one decoder pass returns."""
 
     logits: np.ndarray  # [batch, num_logits, vocab] float32: the last num_logits positions
     visual_scores: np.ndarray  # [batch, past + seq] float32: this pass's score of every key position
-    cache: list[ort.OrtValue]  # present key/value per layer, on the session's device
+    # present key/value per layer, on the session's device: list[OrtValue] (explicit graph) or
+    # KVBuffers (lean graph); ``EdgeModel.cache_arrays`` reads either
+    cache: KVCache
 
 
 class EdgeModel:
@@ -97,6 +136,7 @@ class EdgeModel:
         # "cuda" when the decoder really runs on the CUDA EP (ORT falls back to CPU silently).
         self.device = "cuda" if decoder.get_providers()[0] == CUDA else "cpu"
         self.dtype = np.dtype(sidecar.numpy_dtype)
+        self.shared_kv = sidecar.graph == "lean"  # KV in fixed buffers bound as past and present
         io, layers = sidecar.io, sidecar.dims.num_layers
         self._past_names = io.past_names(layers)
         self._present_names = io.present_names(layers)
@@ -161,18 +201,42 @@ class EdgeModel:
             raise ValueError(f"token ids outside the vocabulary 0..{self.sidecar.dims.vocab_size - 1}")
         return np.asarray(self.embeddings[ids])
 
-    def empty_cache(self, batch: int = 1) -> list[ort.OrtValue]:
-        """A KV cache holding no positions: past length 0 for every layer."""
+    def empty_cache(self, batch: int = 1, capacity: int | None = None) -> KVCache:
+        """A KV cache holding no positions: past length 0 for every layer.
+
+        For the lean graph, buffers of ``capacity`` positions (default: the
+        model's context); a pass needing more raises ``ValueError``. The
+        explicit graph's cache grows by itself and ignores ``capacity``.
+        """
         dims = self.sidecar.dims
-        empty = np.zeros((batch, dims.num_kv_heads, 0, dims.head_dim), dtype=self.dtype)
-        return [ort.OrtValue.ortvalue_from_numpy(empty, self.device, 0) for _ in self._past_names]
+        if not self.shared_kv:
+            empty = np.zeros((batch, dims.num_kv_heads, 0, dims.head_dim), dtype=self.dtype)
+            return [ort.OrtValue.ortvalue_from_numpy(empty, self.device, 0) for _ in self._past_names]
+        capacity = self.files.max_context if capacity is None else int(capacity)
+        shape = [batch, dims.num_kv_heads, capacity, dims.head_dim]
+        # Nothing reads past the filled length: device buffers stay uninitialised, host ones are
+        # np.zeros (calloc: pages are only touched when written).
+        if self.device == "cpu":
+            values = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.dtype)) for _ in self._past_names]
+        else:
+            values = [
+                ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype.type, self.device, 0)
+                for _ in self._past_names
+            ]
+        return KVBuffers(_SharedStorage(values), 0)
+
+    def cache_arrays(self, cache: KVCache) -> list[np.ndarray]:
+        """key_0, value_0, ... of either cache kind as host arrays [batch, kv_heads, length, head_dim]."""
+        if isinstance(cache, KVBuffers):
+            return [value.numpy()[:, :, : cache.length] for value in cache.values]
+        return [value.numpy() for value in cache]
 
     def decode(
         self,
         inputs_embeds: np.ndarray,
         position_ids: np.ndarray,
         score_query_mask: np.ndarray,
-        cache: list[ort.OrtValue],
+        cache: KVCache,
         attention_mask: np.ndarray | None = None,
         num_logits: int | None = None,
     ) -> DecoderStep:
@@ -183,10 +247,15 @@ class EdgeModel:
         score), attention_mask [batch, past + seq] int64 (all ones when None),
         num_logits: logits for the last n positions only, 1 <= n <= seq (all
         ``seq`` when None). The visual scores and the cache cover every position.
+        ``cache`` comes from ``empty_cache`` or the previous pass's ``DecoderStep``;
+        the lean graph's attention mask must be right-padded (ones first).
         """
         io = self.sidecar.io
         batch, seq = position_ids.shape
-        past = cache[0].shape()[2]
+        if self.shared_kv != isinstance(cache, KVBuffers):
+            kind = "the KVBuffers of" if self.shared_kv else "the list of tensors of"
+            raise ValueError(f"the {self.sidecar.graph} decoder takes {kind} empty_cache() or its last step")
+        past = cache.length if isinstance(cache, KVBuffers) else cache[0].shape()[2]
         num_logits = seq if num_logits is None else int(num_logits)
         if not 1 <= num_logits <= seq:
             # the graph would gather wrapped-around rows for n > seq
@@ -199,16 +268,43 @@ class EdgeModel:
         binding.bind_cpu_input(io.attention_mask, np.ascontiguousarray(attention_mask, dtype=np.int64))
         binding.bind_cpu_input(io.score_query_mask, np.ascontiguousarray(score_query_mask, dtype=np.float32))
         binding.bind_cpu_input(io.num_logits, np.array(num_logits, dtype=np.int64))
-        for name, value in zip(self._past_names, cache, strict=True):
-            binding.bind_ortvalue_input(name, value)
         # Logits and scores come back to the host every pass; the cache stays where the session runs.
         binding.bind_output(io.logits, "cpu")
         binding.bind_output(io.visual_scores, "cpu")
-        for name in self._present_names:
-            binding.bind_output(name, self.device)
+        if self.shared_kv:
+            cache = self._bind_shared_cache(binding, cache, batch, past + seq)
+        else:
+            for name, value in zip(self._past_names, cache, strict=True):
+                binding.bind_ortvalue_input(name, value)
+            for name in self._present_names:
+                binding.bind_output(name, self.device)
         self.decoder.run_with_iobinding(binding)
         logits, scores, *present = binding.get_outputs()
-        return DecoderStep(logits=logits.numpy(), visual_scores=scores.numpy(), cache=present)
+        return DecoderStep(
+            logits=logits.numpy(), visual_scores=scores.numpy(), cache=cache if self.shared_kv else present
+        )
+
+    def _bind_shared_cache(
+        self, binding: ort.IOBinding, cache: KVBuffers, batch: int, total: int
+    ) -> KVBuffers:
+        """Bind each buffer as both past and present; returns the cache as it is after the pass."""
+        if cache.storage.filled != cache.length:
+            raise ValueError(
+                f"this cache holds {cache.length} positions but its buffers were extended to "
+                f"{cache.storage.filled} by a later pass; start from a new empty_cache()"
+            )
+        if total > cache.capacity or cache.values[0].shape()[0] != batch:
+            raise ValueError(
+                f"a pass to {total} positions of batch {batch} does not fit KV buffers of "
+                f"{cache.capacity} positions, batch {cache.values[0].shape()[0]}"
+            )
+        for past_name, present_name, value in zip(
+            self._past_names, self._present_names, cache.values, strict=True
+        ):
+            binding.bind_ortvalue_input(past_name, value)
+            binding.bind_ortvalue_output(present_name, value)
+        cache.storage.filled = total
+        return KVBuffers(cache.storage, total)
 
     # ----------------------------------------------------------------- generation
 
@@ -250,9 +346,9 @@ class EdgeModel:
         # before the image would add nothing anyway: causality keeps them from seeing any
         # visual token after them, and a visual token's own queries are not scored.
         query_mask = (np.arange(prompt_len) >= prompt.visual_end).astype(np.float32)  # [S]
-        step = self.decode(
-            embeds[None], np.arange(prompt_len)[None], query_mask[None], self.empty_cache(), num_logits=1
-        )
+        # The last token is never fed back, so prompt + budget positions always suffice.
+        cache = self.empty_cache(capacity=prompt_len + budget)
+        step = self.decode(embeds[None], np.arange(prompt_len)[None], query_mask[None], cache, num_logits=1)
         visual_scores = step.visual_scores[0, prompt.visual_start : prompt.visual_end].astype(np.float64)
         token, prob = _greedy(step.logits[0, -1])
         tokens, probs = [token], [prob]
@@ -327,9 +423,8 @@ class EdgeModel:
             ]
         )  # [S', hidden]
         no_score = np.zeros((1, len(position_ids)), dtype=np.float32)  # the score of this pass is not used
-        step = self.decode(
-            embeds[None], position_ids[None], no_score, self.empty_cache(), num_logits=answer.size
-        )
+        cache = self.empty_cache(capacity=len(position_ids))
+        step = self.decode(embeds[None], position_ids[None], no_score, cache, num_logits=answer.size)
         # The last prompt position predicts answer[0], answer position j predicts answer[j + 1].
         logits = step.logits[0]  # [N, vocab]
         probs = _softmax64(logits)  # [N, vocab]

@@ -22,9 +22,15 @@ from stitchvlm.shared.layout import TilingConfig
 SIDECAR_NAME = "stitch_edge.json"
 # Bump when a field changes meaning; the runtime refuses other versions.
 # 2: decoder input num_logits (logits of the last n positions only) and with_scores.
-FORMAT_VERSION = 2
+# 3: graph ("explicit" or "lean"); a version-2 sidecar reads as graph "explicit".
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)
 # Export dtypes and the numpy dtype of the tensors the graphs exchange in that dtype.
 DTYPES = {"fp32": "float32", "fp16": "float16"}
+# Decoder graphs: "explicit" (traced ``ScoringDecoder``: written-out attention, KV grown by
+# Concat, past/present [batch, kv_heads, past(+seq), head_dim]) and "lean" (``lean_decoder``:
+# fused ops, KV in buffers of a fixed capacity shared between past and present).
+GRAPHS = ("explicit", "lean")
 
 
 @dataclass(frozen=True)
@@ -115,11 +121,15 @@ class EdgeSidecar:
     opset: int = 17  # ONNX opset of both graphs
     # False only for a ``--no-scores`` export (benchmarks): its decoder has no score I/O.
     with_scores: bool = True
+    # Which decoder graph (GRAPHS): how the runtime must hold and bind its KV cache.
+    graph: str = "explicit"
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.graph not in GRAPHS:
+            raise ValueError(f"graph must be one of {GRAPHS}, got {self.graph!r}")
         if not isinstance(self.with_scores, bool):
             raise ValueError(f"with_scores must be a JSON boolean, got {self.with_scores!r}")
         if self.tokens_per_tile != self.tiling.tokens_per_tile:
@@ -143,9 +153,9 @@ class EdgeSidecar:
         if not isinstance(data, dict):
             raise ValueError("sidecar must hold a JSON object")
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ValueError(
-                f"sidecar format_version {version!r} is not supported (expected {FORMAT_VERSION})"
+                f"sidecar format_version {version!r} is not supported (expected one of {READABLE_VERSIONS})"
             )
         return cls(
             model_id=data["model_id"],
@@ -167,7 +177,8 @@ class EdgeSidecar:
             io=_build(GraphIO, data["io"]),
             opset=data["opset"],
             with_scores=data["with_scores"],
-            format_version=version,
+            graph=data["graph"] if version >= 3 else "explicit",
+            format_version=FORMAT_VERSION,
         )
 
     def save(self, directory: str | Path) -> Path:

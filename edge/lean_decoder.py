@@ -1,0 +1,441 @@
+"""The lean decoder graph: built op by op from the weights with ONNX Runtime's fused ops.
+
+``build_lean_decoder`` writes the same decoder pass as ``export_modules.ScoringDecoder``
+(same input and output names and meanings, ``sidecar.GraphIO``) without tracing
+anything, one small function per block as onnxruntime-genai's model builder does:
+
+- ``SimplifiedLayerNormalization`` / ``com.microsoft.SkipSimplifiedLayerNormalization``
+  for the RMSNorms and the residual adds;
+- one fused q|k|v ``MatMul`` (+ the bias Qwen2 has), ``com.microsoft.RotaryEmbedding``
+  on q and k at the ``position_ids`` given (the consistency pass skips positions),
+  ``com.microsoft.GroupQueryAttention`` for the attention output;
+- the SiLU MLP; the final norm; the LM head on the last ``num_logits`` rows only.
+
+The KV cache lives in buffers shared between past and present: ``past_key_i`` is
+a ``[batch, kv_heads, capacity, head_dim]`` buffer holding ``past`` filled
+positions, GroupQueryAttention writes the new ones into it in place, and
+``present_key_i`` is that same buffer (the runtime binds both names to one
+OrtValue). ``attention_mask`` ``[batch, past + seq]`` gives the filled length:
+GroupQueryAttention reads it as ``seqlens_k = sum(mask) - 1`` and
+``total_sequence_length = past + seq``, so its ones must come first (right
+padding only; the runtime never pads).
+
+The visual-token score (DESIGN "Scores beside fused attention") is computed
+beside the fused kernel for the scoring rows alone: the rows from the first
+query with ``score_query_mask > 0`` (over the batch) to the end, which are
+the text after the image in a prefill, the one new token in a decode step,
+none in the consistency pass. For each layer ``softmax(q K^T / sqrt(d) +
+causal/padding mask)`` of those rows (``[batch, kv_heads, groups, rows,
+total]``) is summed over heads; the layers' sums are added and weighted by the
+rows' ``score_query_mask`` in one MatMul. Rows before the first scored one
+have weight 0 for every batch row, so the sum is the one ``ScoringDecoder``
+computes; the full ``seq x total`` probabilities are never formed.
+
+Export time only (reads a torch model's weights); the runtime needs only the
+``.onnx`` file. ``--no-scores`` builds the same graph without the score nodes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from transformers import InternVLForConditionalGeneration
+
+from .export_modules import check_supported
+from .sidecar import GraphIO
+
+MS_DOMAIN = "com.microsoft"
+OPSET = 17
+# ONNX Runtime 1.31 reads IR versions up to 13; onnx 1.23 would write 14.
+IR_VERSION = 10
+INT64_MAX = np.iinfo(np.int64).max
+# Initializers past this size go to one "<graph>.data" file (protobuf's 2 GB limit).
+EXTERNAL_DATA_BYTES = 1 << 30
+LEAN_TEXT_ACTIVATIONS = ("silu",)
+
+
+class GraphBuilder:
+    """Nodes, initializers and unique names of one graph under construction."""
+
+    def __init__(self, dtype: np.dtype) -> None:
+        self.dtype = np.dtype(dtype)  # weights, activations and KV cache
+        self.onnx_dtype = helper.np_dtype_to_tensor_dtype(self.dtype)
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._used: set[str] = set()
+
+    def unique(self, name: str) -> str:
+        candidate, index = name, 1
+        while candidate in self._used:
+            candidate, index = f"{name}_{index}", index + 1
+        self._used.add(candidate)
+        return candidate
+
+    def weight(self, name: str, array: np.ndarray, dtype: np.dtype | None = None) -> str:
+        """An initializer (in the graph dtype unless ``dtype`` says otherwise); returns its name."""
+        name = self.unique(name)
+        # np.array(copy) rather than ascontiguousarray, which turns a 0-d array into 1-d
+        value = np.array(array, dtype=dtype or self.dtype, order="C")
+        self.initializers.append(numpy_helper.from_array(value, name))
+        return name
+
+    def const(self, name: str, value, dtype) -> str:
+        return self.weight(name, np.array(value), np.dtype(dtype))
+
+    def op(
+        self,
+        op_type: str,
+        inputs: list[str],
+        name: str,
+        outputs: int | list[str] = 1,
+        domain: str = "",
+        **attrs,
+    ):
+        """Add one node; returns its output name (or names when ``outputs`` is a count > 1 or a list)."""
+        node_name = self.unique(name)
+        if isinstance(outputs, int):
+            names = [node_name if outputs == 1 else f"{node_name}:{i}" for i in range(outputs)]
+        else:
+            names = [f"{node_name}:{out}" if out else "" for out in outputs]
+        self._used.update(n for n in names if n)
+        self.nodes.append(helper.make_node(op_type, inputs, names, name=node_name, domain=domain, **attrs))
+        return names[0] if len(names) == 1 else names
+
+
+def _np(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().float().cpu().numpy()
+
+
+def _linear_weight(layer: torch.nn.Linear) -> np.ndarray:
+    """[in, out]: what MatMul takes (torch keeps [out, in])."""
+    return _np(layer.weight).T
+
+
+def check_lean_supported(model: InternVLForConditionalGeneration) -> None:
+    """Refuse what the lean graph would compute wrongly (beyond ``check_supported``)."""
+    check_supported(model)
+    text = model.config.text_config
+    act = getattr(text, "hidden_act", "silu")
+    if act not in LEAN_TEXT_ACTIVATIONS:
+        raise ValueError(f"the lean graph has a SiLU MLP; text model activation is {act!r}")
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    rotary = getattr(text, "partial_rotary_factor", 1.0)
+    if rotary != 1.0 or head_dim % 2:
+        raise ValueError(
+            f"the lean graph rotates whole heads; partial_rotary_factor {rotary}, head_dim {head_dim}"
+        )
+
+
+def rotary_caches(model: InternVLForConditionalGeneration, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin [max_positions, head_dim / 2] from the model's own rotary embedding.
+
+    Taken from ``rotary_emb`` itself (inv_freq, rope scaling and attention
+    scaling included) rather than recomputed; HF's cos/sin repeat their first
+    half (``cat(freqs, freqs)``), RotaryEmbedding takes that half.
+    """
+    text_model = model.model.language_model
+    positions = torch.arange(model.config.text_config.max_position_embeddings)[None]  # [1, P]
+    probe = torch.zeros(1, dtype=torch.float32)
+    with torch.no_grad():
+        cos, sin = text_model.rotary_emb(probe, positions)  # [1, P, head_dim] float32
+    half = cos.shape[-1] // 2
+    if not torch.equal(cos[..., :half], cos[..., half:]):
+        raise ValueError("rotary cos/sin are not of the rotate-half layout RotaryEmbedding implements")
+    # RotaryEmbedding computes in the graph dtype, as transformers casts cos/sin to it.
+    return _np(cos[0, :, :half]).astype(dtype), _np(sin[0, :, :half]).astype(dtype)
+
+
+# --------------------------------------------------------------------- blocks
+
+
+def attention_block(g: GraphBuilder, attn, x: str, layer: int, past_key: str, past_value: str, shared: dict):
+    """Fused q|k|v projection, RoPE, GroupQueryAttention, o_proj.
+
+    x [B, S, D] -> (output [B, S, D], present_key, present_value [B, KV, capacity, hd], q_rot [B, S, H*hd]).
+    """
+    prefix = f"layers.{layer}.attn"
+    heads, kv_heads, head_dim = shared["heads"], shared["kv_heads"], shared["head_dim"]
+    weight = np.concatenate([_linear_weight(p) for p in (attn.q_proj, attn.k_proj, attn.v_proj)], axis=1)
+    qkv = g.op("MatMul", [x, g.weight(f"{prefix}.qkv.weight", weight)], f"{prefix}.qkv")
+    if attn.q_proj.bias is not None:
+        bias = np.concatenate([_np(p.bias) for p in (attn.q_proj, attn.k_proj, attn.v_proj)])
+        qkv = g.op("Add", [qkv, g.weight(f"{prefix}.qkv.bias", bias)], f"{prefix}.qkv_bias")
+    sizes = g.const(f"{prefix}.split", [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], np.int64)
+    query, key, value = g.op("Split", [qkv, sizes], f"{prefix}.split_qkv", outputs=3, axis=-1)
+    rope = [shared["position_ids"], shared["cos"], shared["sin"]]
+    query = g.op(
+        "RotaryEmbedding", [query, *rope], f"{prefix}.q_rotary", domain=MS_DOMAIN,
+        num_heads=heads, rotary_embedding_dim=head_dim, interleaved=0,
+    )  # fmt: skip
+    key = g.op(
+        "RotaryEmbedding", [key, *rope], f"{prefix}.k_rotary", domain=MS_DOMAIN,
+        num_heads=kv_heads, rotary_embedding_dim=head_dim, interleaved=0,
+    )  # fmt: skip
+    context, present_key, present_value = g.op(
+        "GroupQueryAttention",
+        [query, key, value, past_key, past_value, shared["seqlens_k"], shared["total_int32"]],
+        f"{prefix}.gqa",
+        outputs=["output", "present_key", "present_value"],
+        domain=MS_DOMAIN,
+        num_heads=heads,
+        kv_num_heads=kv_heads,
+        scale=float(attn.scaling),
+    )
+    out = g.op(
+        "MatMul",
+        [context, g.weight(f"{prefix}.o_proj.weight", _linear_weight(attn.o_proj))],
+        f"{prefix}.o_proj",
+    )
+    if attn.o_proj.bias is not None:
+        out = g.op(
+            "Add", [out, g.weight(f"{prefix}.o_proj.bias", _np(attn.o_proj.bias))], f"{prefix}.o_proj_bias"
+        )
+    return out, present_key, present_value, query
+
+
+def score_rows(g: GraphBuilder, query: str, present_key: str, layer: int, shared: dict) -> str:
+    """This layer's attention probabilities of the scoring rows, summed over heads.
+
+    query [B, S, H*hd] (after RoPE), present_key [B, KV, capacity, hd] -> [B, R, total] float32,
+    R = the rows from the first scored query on (``shared["first_row"]``).
+    """
+    prefix = f"layers.{layer}.score"
+    kv_heads, groups, head_dim = shared["kv_heads"], shared["heads"] // shared["kv_heads"], shared["head_dim"]
+    rows = g.op(
+        "Slice", [query, shared["first_row_1d"], shared["int64_max_1d"], shared["axis_1"]], f"{prefix}.q_rows"
+    )
+    # [B, R, H*hd] -> [B, R, KV, G, hd] -> [B, KV, G, R, hd]: query head h reads kv head h // G (repeat_kv)
+    shape = g.const(f"{prefix}.q_shape", [0, 0, kv_heads, groups, head_dim], np.int64)
+    rows = g.op("Reshape", [rows, shape], f"{prefix}.q_heads")
+    rows = g.op("Transpose", [rows], f"{prefix}.q_bnsh", perm=[0, 2, 3, 1, 4])
+    keys = g.op(
+        "Slice", [present_key, shared["zero_1d"], shared["total_1d"], shared["axis_2"]], f"{prefix}.keys"
+    )
+    if g.dtype != np.float32:
+        rows = g.op("Cast", [rows], f"{prefix}.q_float", to=TensorProto.FLOAT)
+        keys = g.op("Cast", [keys], f"{prefix}.k_float", to=TensorProto.FLOAT)
+    keys = g.op("Transpose", [keys], f"{prefix}.k_t", perm=[0, 1, 3, 2])  # [B, KV, hd, T]
+    keys = g.op("Unsqueeze", [keys, shared["axis_2"]], f"{prefix}.k_groups")  # [B, KV, 1, hd, T]
+    logits = g.op("MatMul", [rows, keys], f"{prefix}.qk")  # [B, KV, G, R, T]
+    logits = g.op("Mul", [logits, shared["score_scale"]], f"{prefix}.scaled")
+    logits = g.op("Add", [logits, shared["score_bias"]], f"{prefix}.masked")
+    probs = g.op("Softmax", [logits], f"{prefix}.probs", axis=-1)
+    return g.op("ReduceSum", [probs, shared["axes_heads"]], f"{prefix}.head_sum", keepdims=0)  # [B, R, T]
+
+
+def mlp_block(g: GraphBuilder, mlp, x: str, layer: int) -> str:
+    """down(silu(gate(x)) * up(x)); x [B, S, D] -> [B, S, D]."""
+    prefix = f"layers.{layer}.mlp"
+
+    def linear(name: str, module, inp: str) -> str:
+        out = g.op(
+            "MatMul", [inp, g.weight(f"{prefix}.{name}.weight", _linear_weight(module))], f"{prefix}.{name}"
+        )
+        if module.bias is not None:
+            out = g.op(
+                "Add", [out, g.weight(f"{prefix}.{name}.bias", _np(module.bias))], f"{prefix}.{name}_bias"
+            )
+        return out
+
+    gate = linear("gate_proj", mlp.gate_proj, x)
+    act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{prefix}.sigmoid")], f"{prefix}.silu")
+    up = linear("up_proj", mlp.up_proj, x)
+    return linear("down_proj", mlp.down_proj, g.op("Mul", [act, up], f"{prefix}.gated"))
+
+
+def skip_norm(g: GraphBuilder, x: str, residual: str, norm, name: str) -> tuple[str, str]:
+    """(RMSNorm(x + residual), x + residual) in one SkipSimplifiedLayerNormalization."""
+    normed, _, _, total = g.op(
+        "SkipSimplifiedLayerNormalization",
+        [x, residual, g.weight(f"{name}.weight", _np(norm.weight))],
+        name,
+        outputs=["output", "", "", "sum"],
+        domain=MS_DOMAIN,
+        epsilon=float(norm.variance_epsilon),
+    )
+    return normed, total
+
+
+def score_prelude(g: GraphBuilder, io: GraphIO, shared: dict) -> None:
+    """Shared score inputs: the first scored row, its weights [B, 1, R] and the mask [B, 1, 1, R, T]."""
+    seq, total = shared["seq"], shared["total"]
+    seq_index = g.op("Range", [shared["zero"], seq, shared["one"]], "score.seq_index")  # [S]
+    scored = g.op("Greater", [io.score_query_mask, g.const("score.zero_f", 0.0, np.float32)], "score.scored")
+    candidates = g.op("Where", [scored, seq_index, seq], "score.first_candidates")  # [B, S]
+    first = g.op("ReduceMin", [candidates], "score.first_row", keepdims=0)  # [] = S when nothing is scored
+    shared["first_row_1d"] = g.op("Unsqueeze", [first, shared["axis_0"]], "score.first_row_1d")
+    weights = g.op(
+        "Slice", [io.score_query_mask, shared["first_row_1d"], shared["int64_max_1d"], shared["axis_1"]],
+        "score.row_weights",
+    )  # fmt: skip
+    shared["row_weights"] = g.op(
+        "Unsqueeze", [weights, shared["axis_1"]], "score.row_weights_3d"
+    )  # [B, 1, R]
+    # causality by sequence index: row r is query index past + first + r, as attention_bias defines it
+    past = g.op("Sub", [total, seq], "score.past")
+    row_start = g.op("Add", [past, first], "score.row_start")
+    query_index = g.op("Range", [row_start, total, shared["one"]], "score.query_index")  # [R]
+    key_index = g.op("Range", [shared["zero"], total, shared["one"]], "score.key_index")  # [T]
+    causal = g.op(
+        "LessOrEqual",
+        [
+            g.op("Unsqueeze", [key_index, shared["axis_0"]], "score.key_row"),
+            g.op("Unsqueeze", [query_index, shared["axis_1"]], "score.query_col"),
+        ],
+        "score.causal",
+    )  # [R, T]
+    real = g.op(
+        "Greater", [io.attention_mask, g.const("score.zero_i", 0, np.int64)], "score.real_keys"
+    )  # [B, T]
+    real = g.op("Unsqueeze", [real, g.const("score.axes_123", [1, 2, 3], np.int64)], "score.real_keys_5d")
+    allowed = g.op("And", [causal, real], "score.allowed")  # [B, 1, 1, R, T]
+    blocked = g.const("score.blocked", np.finfo(np.float32).min, np.float32)
+    shared["score_bias"] = g.op(
+        "Where", [allowed, g.const("score.open", 0.0, np.float32), blocked], "score.bias"
+    )
+    shared["score_scale"] = g.const("score.scale", shared["scaling"], np.float32)
+    shared["axes_heads"] = g.const("score.axes_heads", [1, 2], np.int64)
+
+
+def build_lean_decoder(
+    model: InternVLForConditionalGeneration, io: GraphIO, with_scores: bool = True
+) -> onnx.ModelProto:
+    """The lean decoder of ``model`` (its dtype: float32 or float16) as an ONNX model."""
+    check_lean_supported(model)
+    text_model = model.model.language_model
+    config = model.config.text_config
+    dtype = np.dtype(np.float16 if model.dtype == torch.float16 else np.float32)
+    g = GraphBuilder(dtype)
+    layers = text_model.layers
+    heads = config.num_attention_heads
+    kv_heads = config.num_key_value_heads or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    cos, sin = rotary_caches(model, dtype)
+    shared = {
+        "heads": heads,
+        "kv_heads": kv_heads,
+        "head_dim": head_dim,
+        "scaling": float(layers[0].self_attn.scaling),
+        "position_ids": io.position_ids,
+        "cos": g.weight("rotary.cos_cache", cos),
+        "sin": g.weight("rotary.sin_cache", sin),
+        "zero": g.const("zero", 0, np.int64),
+        "one": g.const("one", 1, np.int64),
+        "zero_1d": g.const("zero_1d", [0], np.int64),
+        "int64_max_1d": g.const("int64_max_1d", [INT64_MAX], np.int64),
+        "axis_0": g.const("axis_0", [0], np.int64),
+        "axis_1": g.const("axis_1", [1], np.int64),
+        "axis_2": g.const("axis_2", [2], np.int64),
+    }
+    # Lengths: seq from the embeddings, total = past + seq from the mask, filled length per row from its ones.
+    shared["seq"] = g.op(
+        "Gather", [g.op("Shape", [io.inputs_embeds], "seq_shape"), shared["one"]], "seq", axis=0
+    )
+    total = g.op("Gather", [g.op("Shape", [io.attention_mask], "mask_shape"), shared["one"]], "total", axis=0)
+    shared["total"] = total
+    shared["total_1d"] = g.op("Unsqueeze", [total, shared["axis_0"]], "total_1d")
+    shared["total_int32"] = g.op("Cast", [total], "total_int32", to=TensorProto.INT32)
+    filled = g.op("ReduceSum", [io.attention_mask, shared["axis_1"]], "filled", keepdims=0)  # [B]
+    seqlens = g.op("Sub", [filled, shared["one"]], "seqlens_k_int64")
+    shared["seqlens_k"] = g.op("Cast", [seqlens], "seqlens_k", to=TensorProto.INT32)
+    if with_scores:
+        score_prelude(g, io, shared)
+
+    first_norm = layers[0].input_layernorm
+    hidden = io.inputs_embeds
+    normed = g.op(
+        "SimplifiedLayerNormalization",
+        [hidden, g.weight("layers.0.input_layernorm.weight", _np(first_norm.weight))],
+        "layers.0.input_layernorm",
+        axis=-1,
+        epsilon=float(first_norm.variance_epsilon),
+        stash_type=1,
+    )
+    presents, head_sums = [], []
+    past_names = io.past_names(len(layers))
+    for index, layer in enumerate(layers):
+        attn_out, key, value, query = attention_block(
+            g, layer.self_attn, normed, index, past_names[2 * index], past_names[2 * index + 1], shared
+        )
+        presents += [key, value]
+        if with_scores:
+            head_sums.append(score_rows(g, query, key, index, shared))
+        normed, hidden = skip_norm(
+            g, attn_out, hidden, layer.post_attention_layernorm, f"layers.{index}.post_norm"
+        )
+        mlp_out = mlp_block(g, layer.mlp, normed, index)
+        last = index == len(layers) - 1
+        next_norm = text_model.norm if last else layers[index + 1].input_layernorm
+        norm_name = "final_norm" if last else f"layers.{index + 1}.input_layernorm"
+        normed, hidden = skip_norm(g, mlp_out, hidden, next_norm, norm_name)
+
+    # LM head on the last num_logits rows only (RMSNorm is per row: gathering after it is the same).
+    start = g.op("Sub", [shared["seq"], io.num_logits], "logit_rows_start")
+    rows = g.op("Range", [start, shared["seq"], shared["one"]], "logit_rows")
+    normed = g.op("Gather", [normed, rows], "last_rows", axis=1)  # [B, n, D]
+    logits = g.op("MatMul", [normed, g.weight("lm_head.weight", _linear_weight(model.lm_head))], "lm_head")
+    if dtype != np.float32:
+        logits = g.op("Cast", [logits], "logits_float", to=TensorProto.FLOAT)
+    outputs_map = {io.logits: logits}
+    if with_scores:
+        summed = (
+            head_sums[0] if len(head_sums) == 1 else g.op("Sum", head_sums, "score.layer_sum")
+        )  # [B, R, T]
+        weighted = g.op("MatMul", [shared["row_weights"], summed], "score.weighted")  # [B, 1, T]
+        outputs_map[io.visual_scores] = g.op("Squeeze", [weighted, shared["axis_1"]], "score.visual_scores")
+    outputs_map |= dict(zip(io.present_names(len(layers)), presents, strict=True))
+    return _assemble(g, io, len(layers), kv_heads, head_dim, config, with_scores, outputs_map)
+
+
+def _assemble(g, io, num_layers, kv_heads, head_dim, config, with_scores, outputs_map) -> onnx.ModelProto:
+    """Graph inputs/outputs with the traced graph's names and dynamic axes; outputs renamed by Identity-free rewiring."""
+    t = g.onnx_dtype
+    info = helper.make_tensor_value_info
+    inputs = [
+        info(io.inputs_embeds, t, ["batch", "seq", config.hidden_size]),
+        info(io.position_ids, TensorProto.INT64, ["batch", "seq"]),
+        info(io.attention_mask, TensorProto.INT64, ["batch", "total"]),
+    ]
+    if with_scores:
+        inputs.append(info(io.score_query_mask, TensorProto.FLOAT, ["batch", "seq"]))
+    inputs.append(info(io.num_logits, TensorProto.INT64, []))
+    inputs += [info(name, t, ["batch", kv_heads, "capacity", head_dim]) for name in io.past_names(num_layers)]
+    outputs = [info(io.logits, TensorProto.FLOAT, ["batch", "logit_rows", config.vocab_size])]
+    if with_scores:
+        outputs.append(info(io.visual_scores, TensorProto.FLOAT, ["batch", "total"]))
+    outputs += [
+        info(name, t, ["batch", kv_heads, "capacity", head_dim]) for name in io.present_names(num_layers)
+    ]
+    # Name each graph output at the node that produces it (no Identity copies).
+    renames = {produced: name for name, produced in outputs_map.items()}
+    for node in g.nodes:
+        node.output[:] = [renames.get(out, out) for out in node.output]
+        node.input[:] = [renames.get(inp, inp) for inp in node.input]
+    graph = helper.make_graph(g.nodes, "stitch_lean_decoder", inputs, outputs, initializer=g.initializers)
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION, producer_name="stitchvlm")
+
+
+def save_graph(model: onnx.ModelProto, path: Path) -> None:
+    """One ``.onnx`` file, with its weights in ``<name>.data`` beside it past ``EXTERNAL_DATA_BYTES``."""
+    path = Path(path)
+    size = sum(t.ByteSize() for t in model.graph.initializer)
+    data = path.parent / f"{path.name}.data"
+    data.unlink(missing_ok=True)  # onnx appends to an existing data file
+    if size < EXTERNAL_DATA_BYTES:
+        onnx.save_model(model, str(path))
+    else:
+        onnx.save_model(
+            model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name
+        )
+
+
+def export_lean_decoder(
+    model: InternVLForConditionalGeneration, path: Path, io: GraphIO, with_scores: bool = True
+) -> None:
+    """Build and save the lean decoder of ``model`` at ``path``."""
+    save_graph(build_lean_decoder(model, io, with_scores), path)
