@@ -67,8 +67,15 @@ class CloudEngine:
 
     @classmethod
     def load(cls, config: EngineConfig) -> CloudEngine:
-        """Load tokenizer, tiling and weights from ``config.model_dir`` (no hub access)."""
+        """Load tokenizer, tiling and weights from ``config.model_dir`` (no hub access).
+
+        Raises ``ValueError`` before touching the weights when the checkpoint's
+        chat template cannot place the image (``check_chat_template``).
+        """
+        from ..shared.prompt import check_chat_template
+
         files = ModelFiles.load(config.model_dir)
+        check_chat_template(files)
         model = InternVLForConditionalGeneration.from_pretrained(
             config.model_dir, dtype=DTYPES[config.dtype], attn_implementation="sdpa", local_files_only=True
         ).to(config.device)

@@ -36,6 +36,10 @@ NAMED_SPECIAL_TOKENS = (
 )
 # The InternVL image tokens, by the names InternVLProcessor reads from the tokenizer.
 IMAGE_TOKEN_NAMES = ("start_image_token", "end_image_token", "context_image_token")
+# Other names checkpoints give an image token: some tokenizer configs call the context token
+# "image_token" (the name most transformers processors read), as transformers' own
+# tokenizer.image_token alias does.
+IMAGE_TOKEN_ALIASES = {"context_image_token": ("image_token",)}
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,6 +62,13 @@ class ModelFiles:
     num_attention_heads: int  # query heads of the text model
     num_key_value_heads: int  # key/value heads of the text model
     special_token_ids: frozenset[int]  # ids decode(skip_special_tokens=True) drops
+    # Strings a chat template may write for "one image here": the context token, then the
+    # tokenizer config's "image_token" when that names another string (e.g. "<image>").
+    image_placeholders: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.image_placeholders:
+            object.__setattr__(self, "image_placeholders", (self.image_context_token,))
 
     @property
     def image_start_token(self) -> str:
@@ -111,6 +122,9 @@ class ModelFiles:
             num_attention_heads=num_heads,
             num_key_value_heads=int(text_config.get("num_key_value_heads") or num_heads),
             special_token_ids=_special_token_ids(tokenizer),
+            image_placeholders=_image_placeholders(
+                tokenizer, tokenizer_config, image_ids["context_image_token"]
+            ),
         )
 
 
@@ -153,12 +167,27 @@ def _token_content(value: Any) -> str | None:
 
 def _image_token(tokenizer_config: dict[str, Any], name: str) -> str:
     # transformers 4.5x writes {"extra_special_tokens": {name: token}}, 5.x writes name: token at top level.
+    for key in (name, *IMAGE_TOKEN_ALIASES.get(name, ())):
+        if token := _named_token(tokenizer_config, key):
+            return token
+    raise ValueError(f"tokenizer_config.json does not name {name!r} (InternVL's image tokens)")
+
+
+def _named_token(tokenizer_config: dict[str, Any], name: str) -> str | None:
     extra = tokenizer_config.get("extra_special_tokens")
     specific = tokenizer_config.get("model_specific_special_tokens")
     for source in (extra, specific, tokenizer_config):
         if isinstance(source, dict) and (token := _token_content(source.get(name))):
             return token
-    raise ValueError(f"tokenizer_config.json does not name {name!r} (InternVL's image tokens)")
+    return None
+
+
+def _image_placeholders(
+    tokenizer: Tokenizer, tokenizer_config: dict[str, Any], context_id: int
+) -> tuple[str, ...]:
+    context = tokenizer.id_to_token(context_id)
+    alias = _named_token(tokenizer_config, "image_token")
+    return (context,) if alias in (None, context) else (context, alias)
 
 
 def _token_id(tokenizer: Tokenizer, token: str) -> int:

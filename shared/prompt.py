@@ -63,10 +63,10 @@ def build_prompt(files: ModelFiles, question: str, num_visual_tokens: int) -> Pr
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     text = render_chat_template(files, messages, add_generation_prompt=True)
 
-    placeholder = files.image_context_token
-    if text.count(placeholder) != 1:
-        raise ValueError(f"chat template placed {text.count(placeholder)} image placeholders, expected 1")
-    visual = files.image_start_token + placeholder * int(num_visual_tokens) + files.image_end_token
+    placeholder = _image_placeholder(files, text)
+    visual = (
+        files.image_start_token + files.image_context_token * int(num_visual_tokens) + files.image_end_token
+    )
     text = text.replace(placeholder, visual, 1)
 
     # add_special_tokens=True: the post-processor runs as in tokenizer(text) (a BOS if the checkpoint adds one).
@@ -76,6 +76,31 @@ def build_prompt(files: ModelFiles, question: str, num_visual_tokens: int) -> Pr
     if len(positions) != num_visual_tokens or positions[-1] - positions[0] != num_visual_tokens - 1:
         raise ValueError("image context tokens are not one contiguous run of num_visual_tokens")
     return PromptIds(input_ids=ids, visual_start=int(positions[0]), num_visual_tokens=int(num_visual_tokens))
+
+
+def check_chat_template(files: ModelFiles) -> None:
+    """Refuse, with a ``ValueError`` saying why, a checkpoint whose chat template cannot serve requests.
+
+    Builds the prompt of one image of one visual token and a plain question,
+    as every request's prompt is built, and checks that it holds exactly one
+    ``<img>`` ``<IMG_CONTEXT>`` ``</img>`` span. Servers call this at load time
+    so that such a checkpoint never reports SERVING and then refuses every
+    request as the client's fault.
+    """
+    where = f"checkpoint {files.path}: the chat template cannot be served"
+    try:
+        prompt = build_prompt(files, "Describe the image.", 1)
+    except (ValueError, jinja2.TemplateError) as exc:
+        raise ValueError(f"{where}: {exc}") from exc
+    ids = prompt.input_ids.tolist()  # [S]
+    span = ids[prompt.visual_start - 1 : prompt.visual_end + 1]
+    expected = [files.image_start_id, files.image_context_id, files.image_end_id]
+    counts = [ids.count(token) for token in expected]
+    if span != expected or counts != [1, 1, 1]:
+        raise ValueError(
+            f"{where}: the prompt of one image does not hold one {files.image_start_token}"
+            f"{files.image_context_token}{files.image_end_token} span (token counts {counts})"
+        )
 
 
 def answer_ids(files: ModelFiles, text: str, add_eos: bool = False) -> list[int]:
@@ -105,6 +130,18 @@ def render_chat_template(files: ModelFiles, messages: list[dict], add_generation
         add_generation_prompt=add_generation_prompt,
         **files.special_tokens,
     )
+
+
+def _image_placeholder(files: ModelFiles, text: str) -> str:
+    """The one image placeholder the rendered template holds (the context token or its alias)."""
+    counts = {placeholder: text.count(placeholder) for placeholder in files.image_placeholders}
+    placed = [placeholder for placeholder, count in counts.items() if count]
+    if len(placed) != 1 or counts[placed[0]] != 1:
+        found = ", ".join(f"{count} x {placeholder}" for placeholder, count in counts.items())
+        raise ValueError(
+            f"chat template placed {sum(counts.values())} image placeholders ({found}), expected 1"
+        )
+    return placed[0]
 
 
 def _refuse_special_text(files: ModelFiles, question: str) -> None:

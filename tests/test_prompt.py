@@ -274,3 +274,84 @@ def test_shared_modules_import_and_run_without_torch(tiny_checkpoint):
     )
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.strip() == "[]"
+
+
+# ----------------------------------------------------------------------------- serving checks (issue 13, defect 5)
+
+
+def _with_template(source, target, template: str, tokenizer_edit=None):
+    shutil.copytree(source, target)
+    (target / "chat_template.jinja").write_text(template)
+    if tokenizer_edit is not None:
+        config = json.loads((target / "tokenizer_config.json").read_text())
+        tokenizer_edit(config)
+        (target / "tokenizer_config.json").write_text(json.dumps(config))
+    return target
+
+
+def _internvl_template(image_text: str) -> str:
+    from stitchvlm.cloud.checkpoints import INTERNVL_CHAT_TEMPLATE
+
+    assert "{{ '<IMG_CONTEXT>\\n' }}" in INTERNVL_CHAT_TEMPLATE
+    return INTERNVL_CHAT_TEMPLATE.replace("{{ '<IMG_CONTEXT>\\n' }}", image_text)
+
+
+@pytest.mark.parametrize(
+    ("image_text", "reason"),
+    [
+        ("", "0 image placeholders"),  # the image entry renders nothing
+        ("{{ '<IMG_CONTEXT><IMG_CONTEXT>\\n' }}", "2 image placeholders"),
+        ("{{ '<image>\\n' }}", "0 image placeholders"),  # a placeholder the tokenizer does not name
+        ("{% if %}", "cannot be served"),  # a template that does not compile
+    ],
+)
+def test_check_chat_template_refuses_a_template_that_misplaces_the_image(
+    tiny_checkpoint, tmp_path, image_text, reason
+):
+    """Guards against a checkpoint going SERVING whose template never places the image: every
+    request then fails INVALID_ARGUMENT as if the client were at fault (issue 13, defect 5)."""
+    from stitchvlm.shared.prompt import check_chat_template
+
+    broken = _with_template(tiny_checkpoint, tmp_path / "broken", _internvl_template(image_text))
+    files = ModelFiles.load(broken)
+    with pytest.raises(ValueError, match="chat template cannot be served") as error:
+        check_chat_template(files)
+    assert reason in str(error.value) and str(broken) in str(error.value)
+    check_chat_template(ModelFiles.load(tiny_checkpoint))  # the shipped template passes
+
+
+def test_image_token_named_image_token_is_accepted(tiny_checkpoint, tmp_path, hf_tokenizer):
+    """Guards against refusing the InternVL variant whose tokenizer config calls the context token
+    ``image_token``: same prompt ids as the transformers path on the original checkpoint."""
+    from stitchvlm.shared.prompt import check_chat_template
+
+    def rename(config):
+        config["image_token"] = config.pop("context_image_token")
+
+    variant = _with_template(
+        tiny_checkpoint, tmp_path / "variant", (tiny_checkpoint / "chat_template.jinja").read_text(), rename
+    )
+    files = ModelFiles.load(variant)
+    check_chat_template(files)
+    question = "What colour is the circle?"
+    expected = hf_prompt_ids(hf_tokenizer, ModelFiles.load(tiny_checkpoint).chat_template, question, 16)
+    assert build_prompt(files, question, 16).input_ids.tolist() == expected
+
+
+def test_template_placing_the_named_image_token_alias_is_accepted(tiny_checkpoint, tmp_path, hf_tokenizer):
+    """Guards against refusing a template that writes the tokenizer's ``image_token`` ("<image>")
+    where InternVL3-hf writes <IMG_CONTEXT>: both mean one image, expanded to the same span."""
+    from stitchvlm.shared.prompt import check_chat_template
+
+    def name_alias(config):
+        config["image_token"] = "<image>"
+
+    variant = _with_template(
+        tiny_checkpoint, tmp_path / "alias", _internvl_template("{{ '<image>\\n' }}"), name_alias
+    )
+    files = ModelFiles.load(variant)
+    assert files.image_placeholders == ("<IMG_CONTEXT>", "<image>")
+    check_chat_template(files)
+    for question in QUESTIONS[:3]:
+        expected = hf_prompt_ids(hf_tokenizer, ModelFiles.load(tiny_checkpoint).chat_template, question, 48)
+        assert build_prompt(files, question, 48).input_ids.tolist() == expected
