@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..shared.token_file import read_token_file
 from .engine import DTYPES, EngineConfig
 from .server import ServerConfig, serve
 
@@ -83,10 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     net.add_argument("--tls-cert", type=Path, help="PEM certificate chain (TLS when given, with --tls-key)")
     net.add_argument("--tls-key", type=Path, help="PEM private key")
-    net.add_argument(
+    auth = net.add_mutually_exclusive_group()
+    auth.add_argument(
         "--auth-token",
         default=os.environ.get(AUTH_TOKEN_ENV) or None,
-        help=f"bearer token clients must send (default: ${AUTH_TOKEN_ENV}; none = no auth)",
+        help=f"bearer token clients must send (default: ${AUTH_TOKEN_ENV}; none = no auth). "
+        "Visible in the process list: prefer --auth-token-file or the variable",
+    )
+    auth.add_argument(
+        "--auth-token-file",
+        type=Path,
+        default=None,
+        help=f"file holding the bearer token (e.g. a mounted secret); wins over ${AUTH_TOKEN_ENV}",
     )
     serve_cmd.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
@@ -105,6 +114,11 @@ def configs_from_args(
             parser.error(f"{flag} {path}: no such file")
     if args.max_message_mb <= 0:
         parser.error("--max-message-mb must be > 0")
+    if args.auth_token_file is not None:
+        try:
+            args.auth_token = read_token_file(args.auth_token_file)
+        except (FileNotFoundError, ValueError) as error:
+            parser.error(f"--auth-token-file {args.auth_token_file}: {error}")
     try:
         return _configs(args)
     except ValueError as error:  # a value the config classes refuse

@@ -20,6 +20,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from stitchvlm.shared.token_file import read_token_file
+
 from .cloud_client import CloudError, GrpcCloudClient
 from .gate import DEFAULT_CONSISTENCY_RETENTION, DEFAULT_TAU
 from .runtime import CPU, EdgeModel
@@ -62,10 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument(
         "--tls-root-cert", type=Path, help="PEM certificate to trust: TLS to the cloud when given"
     )
-    ask.add_argument(
+    auth = ask.add_mutually_exclusive_group()
+    auth.add_argument(
         "--auth-token",
         default=os.environ.get(AUTH_TOKEN_ENV) or None,
-        help=f"bearer token for the cloud (default: ${AUTH_TOKEN_ENV})",
+        help=f"bearer token for the cloud (default: ${AUTH_TOKEN_ENV}). "
+        "Visible in the process list: prefer --auth-token-file or the variable",
+    )
+    auth.add_argument(
+        "--auth-token-file",
+        type=Path,
+        default=None,
+        help=f"file holding the bearer token for the cloud; wins over ${AUTH_TOKEN_ENV}",
     )
     ask.add_argument("--cpu", action="store_true", help="run ONNX Runtime on the CPU even when CUDA is there")
     ask.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
@@ -81,6 +91,11 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         parser.error(f"--image {args.image}: no such file")
     if args.tls_root_cert is not None and not args.tls_root_cert.is_file():
         parser.error(f"--tls-root-cert {args.tls_root_cert}: no such file")
+    if args.auth_token_file is not None:
+        try:
+            args.auth_token = read_token_file(args.auth_token_file)
+        except (FileNotFoundError, ValueError) as error:
+            parser.error(f"--auth-token-file {args.auth_token_file}: {error}")
     try:
         return CascadeConfig(
             tau=args.tau,

@@ -305,3 +305,37 @@ def test_cli_summary_and_usage_errors(edge_dir, image, tmp_path, capsys):
             edge_main(["ask", *args, "--prompt", QUESTION, "--cpu"])
         assert info.value.code == 2
         assert words in capsys.readouterr().err
+
+
+def test_cli_auth_token_file_reaches_the_cloud(server, edge_dir, image, tmp_path):
+    """``--auth-token-file``: the file's token (newline stripped) is what the edge sends, so the
+    cloud answers; a file with another token is refused (exit 1 under --on-cloud-failure raise).
+    Guards against the flag being parsed but not used (issue 13, defect 7)."""
+    path = tmp_path / "image.png"
+    image.save(path)
+    common = ["--model", str(edge_dir), "--image", str(path), "--prompt", QUESTION, "--cpu", "--json"]
+    common += ["--cloud", server.address, "--tau", "1.01", "--on-cloud-failure", "raise"]
+    good, wrong = tmp_path / "good", tmp_path / "wrong"
+    good.write_text(TOKEN + "\n")
+    wrong.write_text("not-the-token\n")
+    done = run_cli(*common, "--auth-token-file", str(good))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["route"] == "cloud"
+    refused = run_cli(*common, "--auth-token-file", str(wrong))
+    assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr, refused.stderr
+
+
+@pytest.mark.parametrize(("content", "words"), [(None, "no such file"), ("\n", "is empty")])
+def test_cli_auth_token_file_missing_or_empty_exits_2(edge_dir, image, tmp_path, capsys, content, words):
+    """Guards against a missing or empty token file silently sending no token (the cloud would
+    then refuse every escalation) instead of a usage error naming the flag."""
+    path = tmp_path / "image.png"
+    image.save(path)
+    token_file = tmp_path / "token"
+    if content is not None:
+        token_file.write_text(content)
+    with pytest.raises(SystemExit) as info:
+        edge_main(["ask", "--model", str(edge_dir), "--image", str(path), "--prompt", QUESTION,
+                   "--auth-token-file", str(token_file)])  # fmt: skip
+    assert info.value.code == 2
+    assert f"--auth-token-file {token_file}: {words}" in capsys.readouterr().err
