@@ -218,10 +218,11 @@ def score_rows(g: GraphBuilder, query: str, present_key: str, layer: int, shared
     if g.dtype != np.float32:
         rows = g.op("Cast", [rows], f"{prefix}.q_float", to=TensorProto.FLOAT)
         keys = g.op("Cast", [keys], f"{prefix}.k_float", to=TensorProto.FLOAT)
-    keys = g.op("Transpose", [keys], f"{prefix}.k_t", perm=[0, 1, 3, 2])  # [B, KV, hd, T]
-    keys = g.op("Unsqueeze", [keys, shared["axis_2"]], f"{prefix}.k_groups")  # [B, KV, 1, hd, T]
-    logits = g.op("MatMul", [rows, keys], f"{prefix}.qk")  # [B, KV, G, R, T]
-    logits = g.op("Mul", [logits, shared["score_scale"]], f"{prefix}.scaled")
+    keys = g.op("Unsqueeze", [keys, shared["axis_2"]], f"{prefix}.k_groups")  # [B, KV, 1, T, hd]
+    # q K^T * scaling in one GEMM that reads K transposed in place (no Transpose copy, no Mul)
+    logits = g.op(
+        "FusedMatMul", [rows, keys], f"{prefix}.qk", domain=MS_DOMAIN, alpha=shared["scaling"], transB=1
+    )  # [B, KV, G, R, T]
     logits = g.op("Add", [logits, shared["score_bias"]], f"{prefix}.masked")
     probs = g.op("Softmax", [logits], f"{prefix}.probs", axis=-1)
     return g.op("ReduceSum", [probs, shared["axes_heads"]], f"{prefix}.head_sum", keepdims=0)  # [B, R, T]
@@ -297,7 +298,6 @@ def score_prelude(g: GraphBuilder, io: GraphIO, shared: dict) -> None:
     shared["score_bias"] = g.op(
         "Where", [allowed, g.const("score.open", 0.0, np.float32), blocked], "score.bias"
     )
-    shared["score_scale"] = g.const("score.scale", shared["scaling"], np.float32)
     shared["axes_heads"] = g.const("score.axes_heads", [1, 2], np.int64)
 
 

@@ -94,6 +94,13 @@ class KVBuffers:
     storage: _SharedStorage
     length: int  # positions filled: past of the next pass
 
+    @classmethod
+    def of(cls, values: list[ort.OrtValue], length: int = 0) -> KVBuffers:
+        """Buffers (key_0, value_0, ... [batch, kv_heads, capacity, head_dim]) whose first ``length`` are filled."""
+        storage = _SharedStorage(values)
+        storage.filled = length
+        return cls(storage, length)
+
     @property
     def capacity(self) -> int:
         return self.storage.values[0].shape()[2]
@@ -223,7 +230,7 @@ class EdgeModel:
                 ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype.type, self.device, 0)
                 for _ in self._past_names
             ]
-        return KVBuffers(_SharedStorage(values), 0)
+        return KVBuffers.of(values)
 
     def cache_arrays(self, cache: KVCache) -> list[np.ndarray]:
         """key_0, value_0, ... of either cache kind as host arrays [batch, kv_heads, length, head_dim]."""

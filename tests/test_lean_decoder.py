@@ -327,3 +327,21 @@ def test_lean_cuda_matches_cpu(lean_dir, lean):
     assert on_gpu.token_ids == on_cpu.token_ids
     np.testing.assert_allclose(on_gpu.token_probs, on_cpu.token_probs, rtol=1e-4)
     np.testing.assert_allclose(on_gpu.visual_scores, on_cpu.visual_scores, rtol=1e-4, atol=1e-4)
+
+
+def test_lean_fp16_export_verifies_within_documented_tolerance(sharp_checkpoint, explicit, tmp_path):
+    """Guards against a float16 lean graph losing its float32 islands (the score's softmax and
+    sum, the logits) or changing the I/O dtypes the runtime binds: the export's own verification
+    against float32 PyTorch must pass at the fp16 tolerances, and greedy tokens must match."""
+    out = tmp_path / "lean16"
+    export_edge(ExportConfig(model_dir=sharp_checkpoint, out_dir=out, dtype="fp16", graph="lean"))
+    lean16 = EdgeModel.load(out, providers=[CPU])
+    types = {i.name: i.type for i in [*lean16.decoder.get_inputs(), *lean16.decoder.get_outputs()]}
+    assert types["inputs_embeds"] == types["past_key_0"] == types["present_value_0"] == "tensor(float16)"
+    assert types["logits"] == types["visual_scores"] == types["score_query_mask"] == "tensor(float)"
+    image = make_test_image(150, 90, seed=3)
+    half = lean16.generate(image, "What colour is the circle?", 4)
+    full = explicit.generate(image, "What colour is the circle?", 4)
+    assert half.token_ids == full.token_ids
+    bound = TOLERANCES["fp16"].visual_scores.bound(full.visual_scores)
+    assert np.abs(half.visual_scores - full.visual_scores).max() <= bound
