@@ -1,20 +1,23 @@
 """Edge speed: the small VLM on ONNX Runtime against PyTorch, the score's cost, the consistency pass.
 
 One random-weight model of a preset's shape (``presets.py``), saved as a
-checkpoint and exported twice into a temporary directory: with the in-graph
-visual score (what the edge serves) and ``--no-scores`` (benchmarks only). In
-the same run, on one image and one question, with medians over ``--repeats``
-interleaved repeats:
+checkpoint and exported four times into a temporary directory: the explicit
+(traced) decoder with the in-graph visual score (what the edge serves by
+default) and ``--no-scores`` (benchmarks only), and the lean decoder
+(``--graph lean``: fused ORT ops, shared KV buffers) with and without the
+score. In the same run, on one image and one question, with medians over
+``--repeats`` interleaved repeats:
 
-(a) greedy generation of exactly ``--new-tokens`` tokens (EOS ignored on both
-    sides) by ``EdgeModel.generate`` on ONNX Runtime (CPU EP; CUDA EP with the
-    KV cache kept on the GPU through IO binding when available) and by
-    transformers' ``model.generate(do_sample=False)`` in eager PyTorch (SDPA
-    attention unless ``--torch-attn``), both from the same preprocessing;
-(b) the with-scores decoder against the no-scores one, as raw ORT sessions:
-    one prefill (logits of the last position) and ``new_tokens - 1`` decode
-    passes over the same inputs; also the prefill that returns every
-    position's logits (what the decoder did before ``num_logits``);
+(a) greedy generation of exactly ``--new-tokens`` tokens (EOS ignored on all
+    sides) by ``EdgeModel.generate`` on ONNX Runtime with the explicit and
+    with the lean graph (CPU EP; CUDA EP with the KV cache kept on the GPU
+    through IO binding when available) and by transformers'
+    ``model.generate(do_sample=False)`` in eager PyTorch (SDPA attention
+    unless ``--torch-attn``), all from the same preprocessing;
+(b) the four decoders as raw ORT sessions: one prefill (logits of the last
+    position) and ``new_tokens - 1`` decode passes over the same inputs; also
+    the explicit prefill that returns every position's logits (what the
+    decoder did before ``num_logits``);
 (c) the SEE consistency pass (``teacher_forced_probs`` with the top r_c = 5%
     visual tokens) over the generated answer.
 
@@ -27,7 +30,11 @@ Definitions (times are medians over repeats, in ms):
 - ``ort_vs_torch_speedup`` = torch generation time / ORT generation time;
 - ``score_overhead`` = with-scores time / no-scores time - 1, time = one
   prefill + (new_tokens - 1) decode passes; ``score_overhead_prefill`` and
-  ``score_overhead_decode`` split it;
+  ``score_overhead_decode`` split it (explicit graph); ``lean_score_overhead``
+  (and its splits) is the same for the lean graph;
+- ``lean_vs_explicit_*`` = lean time / explicit time, both scored (lower is
+  better): ``_total``, ``_prefill``, ``_decode`` from (b), ``_generation``
+  from (a); ``lean_unscored_vs_explicit_unscored_total`` likewise unscored;
 - ``full_logits_overhead`` = prefill time with every position's logits /
   prefill time with the last position's - 1 (what ``num_logits`` saves);
 - ``consistency_fraction`` = consistency pass time / ORT generation time.
@@ -61,7 +68,7 @@ from transformers import InternVLForConditionalGeneration, LogitsProcessor, Logi
 
 from stitchvlm.cloud.checkpoints import IMAGENET_MEAN, IMAGENET_STD, build_tokenizer, save_checkpoint
 from stitchvlm.edge.export import ExportConfig, export_edge
-from stitchvlm.edge.runtime import CPU, CUDA, EdgeGeneration, EdgeModel
+from stitchvlm.edge.runtime import CPU, CUDA, EdgeGeneration, EdgeModel, KVBuffers
 from stitchvlm.edge.sidecar import EdgeSidecar
 from stitchvlm.shared.layout import TilingConfig
 from stitchvlm.shared.preprocess import preprocess_image
@@ -211,28 +218,37 @@ def torch_generation(
     return GenerationTime(1e3 * (clock.times[0] - started), 1e3 * (clock.times[-1] - clock.times[0]), tokens)
 
 
-def compare_generation(edge, model, image, config: BenchConfig) -> dict:
-    """(a): interleaved repeats of both generations; medians."""
-    ort_runs, torch_runs = [], []
+def compare_generation(edge, lean, model, image, config: BenchConfig) -> dict:
+    """(a): interleaved repeats of the three generations (explicit, lean, torch); medians."""
+    ort_runs, lean_runs, torch_runs = [], [], []
     ort_generation(edge, image, config.new_tokens)  # warm-up (ORT allocates its arenas here)
+    ort_generation(lean, image, config.new_tokens)
     torch_generation(model, edge, image, config)
     for repeat in range(config.repeats):
         ort_runs.append(ort_generation(edge, image, config.new_tokens)[0])
+        lean_runs.append(ort_generation(lean, image, config.new_tokens)[0])
         torch_runs.append(torch_generation(model, edge, image, config))
         log(
             f"(a) repeat {repeat + 1}/{config.repeats}: ORT {ort_runs[-1].total_ms:.0f} ms, "
-            f"torch {torch_runs[-1].total_ms:.0f} ms"
+            f"ORT lean {lean_runs[-1].total_ms:.0f} ms, torch {torch_runs[-1].total_ms:.0f} ms"
         )
-    same = 0
-    for ours, theirs in zip(ort_runs[0].tokens, torch_runs[0].tokens, strict=True):
-        if ours != theirs:
-            break
-        same += 1
     return {
         "ort": summarise(ort_runs, config.new_tokens),
+        "ort_lean": summarise(lean_runs, config.new_tokens),
         "torch": summarise(torch_runs, config.new_tokens),
-        "tokens_equal": same,
+        "tokens_equal": equal_prefix(ort_runs[0].tokens, torch_runs[0].tokens),
+        "lean_tokens_equal": equal_prefix(lean_runs[0].tokens, ort_runs[0].tokens),
     }
+
+
+def equal_prefix(ours: tuple[int, ...], theirs: tuple[int, ...]) -> int:
+    """How many leading tokens two generations share."""
+    same = 0
+    for mine, other in zip(ours, theirs, strict=True):
+        if mine != other:
+            break
+        same += 1
+    return same
 
 
 def summarise(runs: list[GenerationTime], new_tokens: int) -> dict:
@@ -249,7 +265,11 @@ def summarise(runs: list[GenerationTime], new_tokens: int) -> dict:
 
 
 class RawDecoder:
-    """decoder.onnx as a bare ORT session (the runtime refuses the no-scores export)."""
+    """decoder.onnx as a bare ORT session (the runtime refuses the no-scores export).
+
+    Binds the cache as the runtime does: the explicit graph's presents are new
+    device tensors each pass; the lean graph's are the past buffers themselves.
+    """
 
     def __init__(self, edge_dir: Path, config: BenchConfig) -> None:
         self.sidecar = EdgeSidecar.load(edge_dir)
@@ -260,11 +280,17 @@ class RawDecoder:
         )
         self.device = "cuda" if self.session.get_providers()[0] == CUDA else "cpu"
         self.layers = self.sidecar.dims.num_layers
+        self.shared_kv = self.sidecar.graph == "lean"
 
-    def empty_cache(self) -> list[ort.OrtValue]:
+    def empty_cache(self, capacity: int) -> list[ort.OrtValue] | KVBuffers:
+        """An empty cache; the lean graph's holds ``capacity`` positions, as ``generate`` sizes it."""
         dims = self.sidecar.dims
-        empty = np.zeros((1, dims.num_kv_heads, 0, dims.head_dim), dtype=self.sidecar.numpy_dtype)
-        return [ort.OrtValue.ortvalue_from_numpy(empty, self.device, 0) for _ in range(2 * self.layers)]
+        length = capacity if self.shared_kv else 0
+        empty = np.zeros((1, dims.num_kv_heads, length, dims.head_dim), dtype=self.sidecar.numpy_dtype)
+        values = [
+            ort.OrtValue.ortvalue_from_numpy(empty.copy(), self.device, 0) for _ in range(2 * self.layers)
+        ]
+        return KVBuffers.of(values) if self.shared_kv else values
 
     def run(self, embeds, positions, query_mask, cache, num_logits: int) -> list[ort.OrtValue]:
         """One pass as the runtime binds it (logits and scores to the host, KV on the device)."""
@@ -272,21 +298,28 @@ class RawDecoder:
         binding = self.session.io_binding()
         binding.bind_cpu_input(io.inputs_embeds, np.ascontiguousarray(embeds))
         binding.bind_cpu_input(io.position_ids, np.ascontiguousarray(positions, dtype=np.int64))
-        total = cache[0].shape()[2] + positions.shape[1]
+        past = cache.length if self.shared_kv else cache[0].shape()[2]
+        total = past + positions.shape[1]
         binding.bind_cpu_input(io.attention_mask, np.ones((1, total), dtype=np.int64))
         if with_scores:
             binding.bind_cpu_input(io.score_query_mask, np.ascontiguousarray(query_mask, dtype=np.float32))
         binding.bind_cpu_input(io.num_logits, np.array(num_logits, dtype=np.int64))
-        for name, value in zip(io.past_names(self.layers), cache, strict=True):
-            binding.bind_ortvalue_input(name, value)
         binding.bind_output(io.logits, "cpu")
         if with_scores:
             binding.bind_output(io.visual_scores, "cpu")
-        for name in io.present_names(self.layers):
-            binding.bind_output(name, self.device)
+        names = zip(io.past_names(self.layers), io.present_names(self.layers), strict=True)
+        values = cache.values if self.shared_kv else cache
+        for (past_name, present_name), value in zip(names, values, strict=True):
+            binding.bind_ortvalue_input(past_name, value)
+            if self.shared_kv:
+                binding.bind_ortvalue_output(present_name, value)
+            else:
+                binding.bind_output(present_name, self.device)
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         outputs[0].numpy()  # the logits reach numpy, as the runtime's argmax needs them
+        if self.shared_kv:
+            return KVBuffers.of(cache.values, total)
         return outputs[2 if with_scores else 1 :]
 
 
@@ -300,7 +333,8 @@ def time_decoder(
     embeds[prompt.visual_start : prompt.visual_end] = gen.image_embeds
     query_mask = (np.arange(length) >= prompt.visual_end).astype(np.float32)[None]
     started = time.perf_counter()
-    cache = decoder.run(embeds[None], np.arange(length)[None], query_mask, decoder.empty_cache(), num_logits)
+    empty = decoder.empty_cache(length + len(gen.token_ids))
+    cache = decoder.run(embeds[None], np.arange(length)[None], query_mask, empty, num_logits)
     prefilled = time.perf_counter()
     one = np.ones((1, 1), dtype=np.float32)
     for index, token in enumerate(gen.token_ids[:-1]):
@@ -310,10 +344,10 @@ def time_decoder(
 
 
 def compare_scores(edge: EdgeModel, gen: EdgeGeneration, dirs: dict[str, Path], config: BenchConfig) -> dict:
-    """(b): with vs without scores, and all-position logits, interleaved in alternating order."""
+    """(b): the four decoders, and all-position logits, interleaved in alternating order."""
     decoders = {name: RawDecoder(path, config) for name, path in dirs.items()}
     length = len(gen.prompt.input_ids)
-    variants = {"scores": ("scores", 1), "no_scores": ("no_scores", 1), "all_logits": ("scores", length)}
+    variants = {name: (name, 1) for name in dirs} | {"all_logits": ("scores", length)}
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
     for graph, rows in variants.values():  # warm-up
         time_decoder(decoders[graph], edge, gen, rows)
@@ -350,18 +384,29 @@ def time_consistency(edge: EdgeModel, gen: EdgeGeneration, repeats: int) -> floa
 # --------------------------------------------------------------------- run and report
 
 
-def export_both(checkpoint: Path, config: BenchConfig) -> dict[str, Path]:
-    """The served export and the --no-scores one, traced on the benchmark's device (fast fp16)."""
-    dirs = {"scores": config.work_dir / "edge-scores", "no_scores": config.work_dir / "edge-no-scores"}
+# export name -> (decoder graph, with scores)
+EXPORTS = {
+    "scores": ("explicit", True),
+    "no_scores": ("explicit", False),
+    "lean_scores": ("lean", True),
+    "lean_no_scores": ("lean", False),
+}
+
+
+def export_all(checkpoint: Path, config: BenchConfig) -> dict[str, Path]:
+    """The four exports of ``EXPORTS``, traced (explicit) on the benchmark's device (fast fp16)."""
+    dirs = {name: config.work_dir / f"edge-{name.replace('_', '-')}" for name in EXPORTS}
     for name, out in dirs.items():
+        graph, with_scores = EXPORTS[name]
         log(f"exporting {name} ({config.dtype}) -> {out}")
         export = ExportConfig(
             model_dir=checkpoint,
             out_dir=out,
             dtype=config.dtype,
             verify=False,
-            with_scores=name == "scores",
+            with_scores=with_scores,
             device=config.device,
+            graph=graph,
         )
         export_edge(export)
     return dirs
@@ -372,13 +417,16 @@ def run(config: BenchConfig) -> dict:
     torch.set_num_threads(config.threads)
     log(f"building a random {config.preset} checkpoint")
     checkpoint = build_checkpoint(preset, config.work_dir / "checkpoint", config.dtype)
-    dirs = export_both(checkpoint, config)
+    dirs = export_all(checkpoint, config)
 
-    edge = EdgeModel.load(
-        dirs["scores"], providers=providers(config.device), session_options=session_options(config.threads)
+    edge, lean = (
+        EdgeModel.load(
+            dirs[name], providers=providers(config.device), session_options=session_options(config.threads)
+        )
+        for name in ("scores", "lean_scores")
     )
-    if edge.device != config.device:
-        raise RuntimeError(f"ORT runs on {edge.device}, not {config.device}")
+    if edge.device != config.device or lean.device != config.device:
+        raise RuntimeError(f"ORT runs on {edge.device}/{lean.device}, not {config.device}")
     model = InternVLForConditionalGeneration.from_pretrained(
         checkpoint,
         dtype=torch.float16 if config.dtype == "fp16" else torch.float32,
@@ -388,12 +436,12 @@ def run(config: BenchConfig) -> dict:
     image = bench_image(preset)
 
     log("(a) ORT vs PyTorch generation")
-    generation = compare_generation(edge, model, image, config)
+    generation = compare_generation(edge, lean, model, image, config)
     del model  # (b) and (c) are ORT only
     if config.device == "cuda":
         torch.cuda.empty_cache()
     _, gen = ort_generation(edge, image, config.new_tokens)
-    log("(b) decoder with and without scores")
+    log("(b) explicit and lean decoders, with and without scores")
     scores = compare_scores(edge, gen, dirs, config)
     log("(c) consistency pass")
     consistency_ms = time_consistency(edge, gen, config.repeats)
@@ -403,8 +451,9 @@ def run(config: BenchConfig) -> dict:
 def summary(
     config: BenchConfig, gen: EdgeGeneration, generation: dict, scores: dict, consistency_ms: float
 ) -> dict:
-    ort_, torch_ = generation["ort"], generation["torch"]
+    ort_, torch_, lean_gen = generation["ort"], generation["torch"], generation["ort_lean"]
     with_, without = scores["scores"], scores["no_scores"]
+    lean, lean_without = scores["lean_scores"], scores["lean_no_scores"]
     device = (
         torch.cuda.get_device_name()
         if config.device == "cuda"
@@ -433,6 +482,19 @@ def summary(
         "score_overhead_prefill": round(with_["prefill_ms"] / without["prefill_ms"] - 1, 4),
         "score_overhead_decode": round(with_["decode_ms"] / without["decode_ms"] - 1, 4),
         "full_logits_overhead": round(scores["all_logits"]["prefill_ms"] / with_["prefill_ms"] - 1, 4),
+        "lean_tokens_equal": generation["lean_tokens_equal"],
+        "ort_lean_ttft_ms": round(lean_gen["ttft_ms"], 2),
+        "ort_lean_decode_tok_s": round(lean_gen["decode_tok_s"], 1),
+        "ort_lean_generation_ms": round(lean_gen["total_ms"], 2),
+        "lean_vs_torch_speedup": round(torch_["total_ms"] / lean_gen["total_ms"], 3),
+        "lean_vs_explicit_generation": round(lean_gen["total_ms"] / ort_["total_ms"], 3),
+        "lean_vs_explicit_total": round(lean["total_ms"] / with_["total_ms"], 3),
+        "lean_vs_explicit_prefill": round(lean["prefill_ms"] / with_["prefill_ms"], 3),
+        "lean_vs_explicit_decode": round(lean["decode_ms"] / with_["decode_ms"], 3),
+        "lean_unscored_vs_explicit_unscored_total": round(lean_without["total_ms"] / without["total_ms"], 3),
+        "lean_score_overhead": round(lean["total_ms"] / lean_without["total_ms"] - 1, 4),
+        "lean_score_overhead_prefill": round(lean["prefill_ms"] / lean_without["prefill_ms"] - 1, 4),
+        "lean_score_overhead_decode": round(lean["decode_ms"] / lean_without["decode_ms"] - 1, 4),
         "consistency_ms": round(consistency_ms, 2),
         "consistency_fraction": round(consistency_ms / ort_["total_ms"], 4),
         "detail": {"generation": generation, "decoder": scores},
@@ -441,29 +503,41 @@ def summary(
 
 def print_tables(result: dict) -> None:
     gen, dec = result["detail"]["generation"], result["detail"]["decoder"]
-    ort_, torch_ = gen["ort"], gen["torch"]
+    ort_, lean_, torch_ = gen["ort"], gen["ort_lean"], gen["torch"]
     steps = result["new_tokens"] - 1
     print(
         f"\nmodel {result['preset']} ({result['dtype']}) on {result['device']}: |V| = "
         f"{result['num_visual_tokens']}, prompt {result['prompt_tokens']} tokens, {result['new_tokens']} new "
-        f"tokens (EOS ignored), median of {result['repeats']}; first {result['tokens_equal']} tokens equal\n"
+        f"tokens (EOS ignored), median of {result['repeats']}; first {result['tokens_equal']} tokens equal "
+        f"(explicit vs torch), {result['lean_tokens_equal']} (lean vs explicit)\n"
     )
-    print(f"| (a) greedy generation | ORT | PyTorch ({result['torch_attn']}) | PyTorch / ORT |")
-    print("|---|---|---|---|")
+    print(
+        f"| (a) greedy generation | ORT explicit | ORT lean | PyTorch ({result['torch_attn']}) "
+        "| lean / explicit | PyTorch / lean |"
+    )
+    print("|---|---|---|---|---|---|")
     for label, key in (
         ("time to first token, ms", "ttft_ms"),
         ("decode, ms", "decode_ms"),
         ("generation, ms", "total_ms"),
     ):
-        print(f"| {label} | {ort_[key]:.1f} | {torch_[key]:.1f} | {torch_[key] / ort_[key]:.2f}x |")
+        print(
+            f"| {label} | {ort_[key]:.1f} | {lean_[key]:.1f} | {torch_[key]:.1f} | "
+            f"{lean_[key] / ort_[key]:.2f}x | {torch_[key] / lean_[key]:.2f}x |"
+        )
     print(
-        f"| decode, tok/s | {ort_['decode_tok_s']:.1f} | {torch_['decode_tok_s']:.1f} | "
-        f"{ort_['decode_tok_s'] / torch_['decode_tok_s']:.2f}x |\n"
+        f"| decode, tok/s | {ort_['decode_tok_s']:.1f} | {lean_['decode_tok_s']:.1f} | "
+        f"{torch_['decode_tok_s']:.1f} | {lean_['decode_tok_s'] / ort_['decode_tok_s']:.2f}x | "
+        f"{lean_['decode_tok_s'] / torch_['decode_tok_s']:.2f}x |\n"
     )
 
-    print("| (b) decoder.onnx (raw ORT) | with scores | without | score overhead |")
-    print("|---|---|---|---|")
+    print(
+        "| (b) decoder.onnx (raw ORT) | explicit, scores | explicit, none | lean, scores | lean, none "
+        "| score overhead explicit / lean | lean / explicit (scored) |"
+    )
+    print("|---|---|---|---|---|---|---|")
     with_, without = dec["scores"], dec["no_scores"]
+    lean, lean_without = dec["lean_scores"], dec["lean_no_scores"]
     rows = (
         ("prefill (last logits), ms", "prefill_ms", 1),
         ("decode, ms per token", "decode_ms", steps),
@@ -471,13 +545,14 @@ def print_tables(result: dict) -> None:
     )
     for label, key, per in rows:
         print(
-            f"| {label} | {with_[key] / per:.2f} | {without[key] / per:.2f} | "
-            f"{100 * (with_[key] / without[key] - 1):+.1f}% |"
+            f"| {label} | {with_[key] / per:.2f} | {without[key] / per:.2f} | {lean[key] / per:.2f} | "
+            f"{lean_without[key] / per:.2f} | {100 * (with_[key] / without[key] - 1):+.1f}% / "
+            f"{100 * (lean[key] / lean_without[key] - 1):+.1f}% | {lean[key] / with_[key]:.2f}x |"
         )
     all_rows = dec["all_logits"]["prefill_ms"]
     print(
-        f"| prefill, logits of all {result['prompt_tokens']} positions, ms | {all_rows:.2f} | | "
-        f"{100 * result['full_logits_overhead']:+.1f}% vs last logits |\n"
+        f"| prefill, logits of all {result['prompt_tokens']} positions, ms | {all_rows:.2f} | | | | "
+        f"{100 * result['full_logits_overhead']:+.1f}% vs last logits | |\n"
     )
 
     print(f"| (c) consistency pass (r_c = {CONSISTENCY_RETENTION:.0%}) | ms | of ORT generation |")
