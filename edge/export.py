@@ -28,6 +28,8 @@ Writes, into ``--out``:
 Then it verifies the graphs against the PyTorch model on one sample (a
 prefill with all logits, one with the last position's, and two decode steps)
 and fails when a difference exceeds the dtype's tolerance (``TOLERANCES``).
+All of it is written to a hidden directory beside ``--out`` first and moved
+into ``--out`` only when verification has passed.
 A ``--no-scores`` export is not verified: the runtime that verification runs
 refuses it (the tests compare it with the scored graph instead).
 
@@ -52,8 +54,10 @@ and ``ScoringDecoder`` adds the score accumulation and fp32 logits.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -70,7 +74,7 @@ from stitchvlm.shared.prompt import build_prompt
 from .export_modules import ScoringDecoder, UnscoredDecoder, VisionEncoder, check_supported
 from .lean_decoder import check_lean_supported, export_lean_decoder
 from .runtime import CPU, EdgeModel
-from .sidecar import DTYPES, GRAPHS, DecoderDims, EdgeSidecar, GraphIO, TokenIds
+from .sidecar import DTYPES, GRAPHS, SIDECAR_NAME, DecoderDims, EdgeSidecar, GraphIO, TokenIds
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 DEFAULT_OPSET = 17  # LayerNormalization (the ViT's) needs 17
@@ -326,10 +330,49 @@ def build_sidecar(
 
 
 def export_edge(config: ExportConfig) -> EdgeSidecar:
-    """Run one export (and its verification unless disabled); return the sidecar written."""
+    """Run one export (and its verification unless disabled); return the sidecar written.
+
+    Everything is written into a hidden directory beside ``out_dir`` and moved
+    into place only after verification has passed (``publish_export``): a
+    failed export leaves ``out_dir`` as it was, absent or the previous export,
+    never a complete-looking directory of graphs that failed verification.
+    """
     started = time.perf_counter()
     out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        sidecar = _export_unpublished(config, staging)
+        publish_export(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    progress(f"done in {time.perf_counter() - started:.1f} s -> {out}")
+    return sidecar
+
+
+def publish_export(staging: Path, out: Path) -> None:
+    """Move a verified export from ``staging`` to ``out``.
+
+    A rename when ``out`` does not exist. Into an existing directory, file by
+    file: its old sidecar is removed first and the new one moved last, so an
+    interrupted move leaves a directory without ``stitch_edge.json``, which
+    the runtime refuses, rather than one whose sidecar describes other graphs.
+    Files of ``out`` the new export does not write are left alone.
+    """
+    if not out.exists():
+        staging.rename(out)
+        return
+    (out / SIDECAR_NAME).unlink(missing_ok=True)
+    for item in sorted(staging.iterdir()):
+        if item.name != SIDECAR_NAME:
+            os.replace(item, out / item.name)
+    os.replace(staging / SIDECAR_NAME, out / SIDECAR_NAME)
+
+
+def _export_unpublished(config: ExportConfig, out: Path) -> EdgeSidecar:
+    """Export and verify into ``out`` (a fresh directory); ``ValueError`` when verification fails."""
     progress(f"loading {config.model_dir} ({config.dtype})")
     model = load_model(config.model_dir, config.dtype, config.device)
     io = GraphIO()
@@ -372,7 +415,6 @@ def export_edge(config: ExportConfig) -> EdgeSidecar:
         for line in report.lines():
             progress(f"  {line}")
         report.raise_if_failed()
-    progress(f"done in {time.perf_counter() - started:.1f} s -> {out}")
     return sidecar
 
 

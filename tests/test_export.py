@@ -13,6 +13,7 @@ logits span several units, and such bugs show.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -415,3 +416,43 @@ def test_external_tensors_are_consolidated_into_one_file(edge_dir, tmp_path):
         moved.run(None, {"pixel_values": pixel_values})[0],
         original.run(None, {"pixel_values": pixel_values})[0],
     )
+
+
+def _tree(directory: Path) -> dict[str, bytes]:
+    """Every file under ``directory`` by relative path -> its bytes."""
+    return {
+        str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()
+    }
+
+
+def test_failed_verification_leaves_the_target_as_it_was(
+    sharp_checkpoint, edge_dir, tmp_path, monkeypatch, capsys
+):
+    """Guards against a failed ``stitch-export`` (exit 1) leaving a normal-looking edge directory,
+    sidecar included, that ``stitch-edge ask`` only fails on later (issue 13, defect 6): the target
+    must stay absent, or hold the previous export byte for byte, with no staging directory left."""
+    from stitchvlm.edge import export
+
+    impossible = export.DtypeTolerances(*[export.Tolerance(atol=-1.0, rtol=0.0)] * 4)  # every check fails
+    monkeypatch.setitem(export.TOLERANCES, "fp32", impossible)
+    out = tmp_path / "fresh"
+    assert main(["--model", str(sharp_checkpoint), "--out", str(out)]) == 1
+    assert "beyond tolerance" in capsys.readouterr().err
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+    previous = tmp_path / "previous"
+    shutil.copytree(edge_dir, previous)
+    (previous / "notes.txt").write_text("not part of an export")
+    before = _tree(previous)
+    assert main(["--model", str(sharp_checkpoint), "--out", str(previous), "--model-id", "other"]) == 1
+    assert _tree(previous) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["previous"]
+
+    # with the real tolerances the same export passes and replaces the previous one in place
+    monkeypatch.undo()
+    assert main(["--model", str(sharp_checkpoint), "--out", str(previous), "--model-id", "other"]) == 0
+    assert EdgeSidecar.load(previous).model_id == "other"
+    assert (previous / "notes.txt").read_text() == "not part of an export"
+    assert [p.name for p in tmp_path.iterdir()] == ["previous"]
+    EdgeModel.load(previous, providers=[CPU])
