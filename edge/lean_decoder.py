@@ -33,6 +33,9 @@ computes; the full ``seq x total`` probabilities are never formed.
 
 Export time only (reads a torch model's weights); the runtime needs only the
 ``.onnx`` file. ``--no-scores`` builds the same graph without the score nodes.
+float32 and float16 graphs are built; ORT's CUDA GroupQueryAttention takes
+float16/bfloat16 only, so on CUDA the lean graph is exported in fp16 (the
+runtime keeps a float32 one on the CPU).
 """
 
 from __future__ import annotations

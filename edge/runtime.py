@@ -160,6 +160,8 @@ class EdgeModel:
         """Open an export directory; CUDA when ORT can use it, else CPU, unless ``providers`` says.
 
         ``session_options`` (threads, graph optimisation level) apply to both graphs.
+        A float32 lean export runs on the CPU (ORT's CUDA GroupQueryAttention is
+        float16 only); asking for CUDA for one raises ``ValueError``.
         Raises ``FileNotFoundError``/``ValueError`` for a directory that is not a
         complete export, a ``--no-scores`` export, or one whose copied configs
         disagree with its sidecar.
@@ -180,8 +182,17 @@ class EdgeModel:
                 f"{sidecar.graphs.embeddings} is {embeddings.dtype}{list(embeddings.shape)}, expected "
                 f"{sidecar.numpy_dtype}[{dims.vocab_size}, {dims.hidden_size}]"
             )
+        # ORT's CUDA GroupQueryAttention takes float16/bfloat16 only: a float32 lean graph on the
+        # CUDA EP would run its attention on the CPU, where the shared buffers cannot be shared.
+        cuda_capable = not (sidecar.graph == "lean" and sidecar.dtype == "fp32")
         if providers is None:
-            providers = [CUDA, CPU] if CUDA in ort.get_available_providers() else [CPU]
+            use_cuda = cuda_capable and CUDA in ort.get_available_providers()
+            providers = [CUDA, CPU] if use_cuda else [CPU]
+        elif CUDA in providers and not cuda_capable:
+            raise ValueError(
+                f"{root} holds a float32 lean decoder, which the CUDA EP cannot run (its "
+                "GroupQueryAttention is float16/bfloat16 only): export with --graph lean --dtype fp16"
+            )
         decoder = ort.InferenceSession(
             str(root / sidecar.graphs.decoder), sess_options=session_options, providers=providers
         )

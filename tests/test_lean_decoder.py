@@ -311,31 +311,19 @@ def test_lean_runtime_runs_with_torch_and_transformers_absent(lean_dir, lean, tm
     np.testing.assert_array_equal(np.array(result["scores"]), in_process.visual_scores)
 
 
-@pytest.mark.gpu
-def test_lean_cuda_matches_cpu(lean_dir, lean):
-    """Guards against the shared KV buffers on the device (IO binding of one OrtValue as past and
-    present on CUDA) or the CUDA GroupQueryAttention kernel diverging from the CPU path."""
-    onnxruntime = pytest.importorskip("onnxruntime")
-    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-        pytest.skip("onnxruntime has no CUDA provider")
-    gpu = EdgeModel.load(lean_dir)
-    if gpu.device != "cuda":
-        pytest.skip("CUDA provider could not start (no GPU or CUDA libraries)")
-    image = make_test_image(150, 90, seed=3)
-    on_gpu = gpu.generate(image, "What colour is the circle?", MAX_NEW_TOKENS)
-    on_cpu = lean.generate(image, "What colour is the circle?", MAX_NEW_TOKENS)
-    assert on_gpu.token_ids == on_cpu.token_ids
-    np.testing.assert_allclose(on_gpu.token_probs, on_cpu.token_probs, rtol=1e-4)
-    np.testing.assert_allclose(on_gpu.visual_scores, on_cpu.visual_scores, rtol=1e-4, atol=1e-4)
+@pytest.fixture(scope="module")
+def lean16_dir(sharp_checkpoint, tmp_path_factory) -> Path:
+    """fp16 lean export (export_edge verifies it against float32 PyTorch at the fp16 tolerances)."""
+    out = tmp_path_factory.mktemp("edge") / "lean16"
+    export_edge(ExportConfig(model_dir=sharp_checkpoint, out_dir=out, dtype="fp16", graph="lean"))
+    return out
 
 
-def test_lean_fp16_export_verifies_within_documented_tolerance(sharp_checkpoint, explicit, tmp_path):
+def test_lean_fp16_export_verifies_within_documented_tolerance(lean16_dir, explicit):
     """Guards against a float16 lean graph losing its float32 islands (the score's softmax and
     sum, the logits) or changing the I/O dtypes the runtime binds: the export's own verification
     against float32 PyTorch must pass at the fp16 tolerances, and greedy tokens must match."""
-    out = tmp_path / "lean16"
-    export_edge(ExportConfig(model_dir=sharp_checkpoint, out_dir=out, dtype="fp16", graph="lean"))
-    lean16 = EdgeModel.load(out, providers=[CPU])
+    lean16 = EdgeModel.load(lean16_dir, providers=[CPU])
     types = {i.name: i.type for i in [*lean16.decoder.get_inputs(), *lean16.decoder.get_outputs()]}
     assert types["inputs_embeds"] == types["past_key_0"] == types["present_value_0"] == "tensor(float16)"
     assert types["logits"] == types["visual_scores"] == types["score_query_mask"] == "tensor(float)"
@@ -345,3 +333,31 @@ def test_lean_fp16_export_verifies_within_documented_tolerance(sharp_checkpoint,
     assert half.token_ids == full.token_ids
     bound = TOLERANCES["fp16"].visual_scores.bound(full.visual_scores)
     assert np.abs(half.visual_scores - full.visual_scores).max() <= bound
+
+
+def test_float32_lean_graph_stays_off_cuda(lean_dir):
+    """Guards against a float32 lean export being put on the CUDA EP, whose GroupQueryAttention is
+    float16 only: ORT would place the attention on the CPU and the shared KV buffers would break."""
+    with pytest.raises(ValueError, match="--dtype fp16"):
+        EdgeModel.load(lean_dir, providers=["CUDAExecutionProvider", CPU])
+    assert EdgeModel.load(lean_dir).device == "cpu"  # the default picks the CPU for it
+
+
+@pytest.mark.gpu
+def test_lean_fp16_cuda_matches_cpu(lean16_dir):
+    """Guards against the shared KV buffers on the device (one OrtValue bound as past and present
+    through IO binding on CUDA) or the CUDA GroupQueryAttention kernel diverging from the CPU."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime has no CUDA provider")
+    gpu = EdgeModel.load(lean16_dir)
+    if gpu.device != "cuda":
+        pytest.skip("CUDA provider could not start (no GPU or CUDA libraries)")
+    cpu = EdgeModel.load(lean16_dir, providers=[CPU])
+    image = make_test_image(150, 90, seed=3)
+    on_gpu = gpu.generate(image, "What colour is the circle?", MAX_NEW_TOKENS)
+    on_cpu = cpu.generate(image, "What colour is the circle?", MAX_NEW_TOKENS)
+    assert on_gpu.token_ids == on_cpu.token_ids
+    np.testing.assert_allclose(on_gpu.token_probs, on_cpu.token_probs, rtol=2e-2)
+    bound = TOLERANCES["fp16"].visual_scores.bound(on_cpu.visual_scores)
+    assert np.abs(on_gpu.visual_scores - on_cpu.visual_scores).max() <= bound
