@@ -18,7 +18,7 @@ positions, GroupQueryAttention writes the new ones into it in place, and
 OrtValue). ``attention_mask`` ``[batch, past + seq]`` gives the filled length:
 GroupQueryAttention reads it as ``seqlens_k = sum(mask) - 1`` and
 ``total_sequence_length = past + seq``, so its ones must come first (right
-padding only; the runtime never pads).
+padding only); the runtime never pads and refuses a mask with zeros.
 
 The visual-token score (DESIGN "Scores beside fused attention") is computed
 beside the fused kernel for the scoring rows alone: the rows from the first

@@ -266,7 +266,7 @@ class EdgeModel:
         num_logits: logits for the last n positions only, 1 <= n <= seq (all
         ``seq`` when None). The visual scores and the cache cover every position.
         ``cache`` comes from ``empty_cache`` or the previous pass's ``DecoderStep``;
-        the lean graph's attention mask must be right-padded (ones first).
+        the lean graph takes no padding (its attention mask must be all ones).
         """
         io = self.sidecar.io
         batch, seq = position_ids.shape
@@ -280,6 +280,9 @@ class EdgeModel:
             raise ValueError(f"num_logits must be in 1..{seq}, got {num_logits}")
         if attention_mask is None:
             attention_mask = np.ones((batch, past + seq), dtype=np.int64)
+        elif self.shared_kv and not np.all(attention_mask == 1):
+            # GroupQueryAttention reads the mask as one filled length per row (seqlens_k)
+            raise ValueError("the lean decoder takes no padding: attention_mask must be all ones")
         binding = self.decoder.io_binding()
         binding.bind_cpu_input(io.inputs_embeds, np.ascontiguousarray(inputs_embeds, dtype=self.dtype))
         binding.bind_cpu_input(io.position_ids, np.ascontiguousarray(position_ids, dtype=np.int64))

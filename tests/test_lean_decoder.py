@@ -218,8 +218,8 @@ def test_lean_consistency_pass_equals_explicit_graph(case, lean, explicit, reten
 def test_kv_buffers_are_shared_in_place_and_guarded(lean, image_factory):
     """Guards against the lean path copying its cache every pass (the buffers bound as present
     must be the ones bound as past), against a pass past the buffers' capacity writing out of
-    bounds, and against decoding twice from one cache, which would overwrite the newer cache's
-    positions in the shared buffers."""
+    bounds, against decoding twice from one cache, which would overwrite the newer cache's
+    positions in the shared buffers, and against a padded mask GroupQueryAttention would misread."""
     embeds, positions, query_mask = _prefill_inputs(lean, *SAMPLES[1], image_factory)
     length = positions.shape[1]
     cache = lean.empty_cache(capacity=length + 1)
@@ -237,6 +237,10 @@ def test_kv_buffers_are_shared_in_place_and_guarded(lean, image_factory):
         lean.decode(lean.embed([4])[None], np.array([[length + 1]]), np.ones((1, 1), np.float32), step.cache)
     with pytest.raises(ValueError, match="KVBuffers"):
         lean.decode(embeds, positions, query_mask, [])
+    padded = np.ones((1, length), np.int64)
+    padded[0, 0] = 0
+    with pytest.raises(ValueError, match="no padding"):
+        lean.decode(embeds, positions, query_mask, lean.empty_cache(), attention_mask=padded)
 
 
 def test_lean_batch_axis_is_dynamic(lean):
