@@ -1,18 +1,27 @@
-"""The cloud engine: one loaded large VLM answering ``CloudRequest``s with SGP.
+"""The cloud engine: one loaded large VLM answering ``CloudRequest``s with SGP, in batches.
 
-``CloudEngine.answer`` is blocking and transport-free: the gRPC servicer and the
-in-process cloud client both call it. It validates everything about a request
-that needs the model (image, layout, prompt length, generation budget, model
-id) and raises ``RequestError`` with the gRPC status to answer with; it does no
-queueing, deadlines or auth (``server`` does).
+``CloudEngine`` owns the model through its ``BatchScheduler`` (one loop thread,
+continuous batching). Callers go in two steps: ``prepare`` validates a request
+and does its CPU work (image decode, tiling, prompt ids, kept positions) on the
+caller's thread, then ``submit`` hands it to the loop, which reports tokens and
+the result to the request's ``SequenceSink``; ``reply`` turns that result into
+a ``CloudReply``. ``answer`` does all three and blocks (the in-process client
+uses it). ``check_limits`` holds the checks that need no image or tokenizer
+work, so a server can refuse before admitting a request.
+
+Validation raises ``RequestError`` with the gRPC status to answer with. The
+engine does no queue bounds, deadlines or auth (``server`` does), and knows
+no wire messages.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -20,14 +29,16 @@ import numpy as np
 import torch
 from transformers import InternVLForConditionalGeneration
 
-from ..shared.errors import RequestError
+from ..shared.errors import RequestError, clip_text
 from ..shared.layout import layout_fingerprint
 from ..shared.model_files import ModelFiles
 from ..shared.preprocess import decode_image, preprocess_image
 from ..shared.prompt import build_prompt, decode_answer
 from ..shared.scoring import keep_count
 from ..shared.types import CloudReply, CloudRequest, Timings
-from .sgp import GenerationCancelled, SGPModel, kept_sequence_positions
+from .scheduler import BatchConfig, BatchScheduler, SequenceInput, SequenceResult, SequenceSink, StepObserver
+from .sgp import SGPModel, kept_sequence_positions
+from .text import StopRule
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +54,11 @@ class EngineConfig:
     device: str = "cpu"  # torch device, e.g. "cuda:0"
     dtype: str = "float32"  # float32 | float16 | bfloat16
     max_new_tokens_limit: int = 256  # largest generation budget a request may ask for
-    max_image_pixels: int = 40_000_000  # decoded images above this are refused (decompression bombs)
+    # decoded images above this are refused; 16 Mpx (48 MB as RGB) is 3x a 12-tile InternVL grid's need
+    max_image_pixels: int = 16_000_000
     model_id: str = ""  # id requests may name; defaults to the directory name
+    max_batch_size: int = 8  # sequences decoded together in one forward pass
+    max_batch_tokens: int = 8192  # prompt tokens prefilled per scheduler step
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", Path(self.model_dir))
@@ -52,21 +66,49 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.max_new_tokens_limit < 1:
             raise ValueError("max_new_tokens_limit must be >= 1")
+        if self.max_image_pixels < 1:
+            raise ValueError("max_image_pixels must be >= 1")
+        BatchConfig(self.max_batch_size, self.max_batch_tokens)  # raises on bad batch settings
+
+    @property
+    def batch(self) -> BatchConfig:
+        return BatchConfig(max_batch_size=self.max_batch_size, max_batch_tokens=self.max_batch_tokens)
+
+
+@dataclass(eq=False)
+class PreparedRequest:
+    """A validated request and what its reply needs besides the generated tokens."""
+
+    request: CloudRequest
+    sequence: SequenceInput
+    num_visual_tokens: int
+    kept_visual_tokens: int
+    prepare_s: float  # image decode + tiling + prompt ids
 
 
 class CloudEngine:
-    """A large InternVL model behind SGP, with the checkpoint's tokenizer and tiling."""
+    """A large InternVL model behind SGP and a batching loop, with the checkpoint's tokenizer and tiling."""
 
-    def __init__(self, config: EngineConfig, files: ModelFiles, model: InternVLForConditionalGeneration):
+    def __init__(
+        self,
+        config: EngineConfig,
+        files: ModelFiles,
+        model: InternVLForConditionalGeneration,
+        observer: StepObserver | None = None,
+    ):
         self.config = config
         self.files = files
         self.sgp = SGPModel(model, config.prune_layer)
         self.model_id = config.model_id or files.model_id
         self.prune_layer = self.sgp.prune_layer
         self.max_context = files.max_context
+        self.scheduler = BatchScheduler(self.sgp, config.batch, observer)
+        # a token covers at most this many characters: a prompt longer than max_context times it
+        # cannot fit, which ``check_limits`` can tell without tokenizing
+        self._max_token_chars = max((len(t) for t in files.tokenizer.get_vocab()), default=1)
 
     @classmethod
-    def load(cls, config: EngineConfig) -> CloudEngine:
+    def load(cls, config: EngineConfig, observer: StepObserver | None = None) -> CloudEngine:
         """Load tokenizer, tiling and weights from ``config.model_dir`` (no hub access).
 
         Raises ``ValueError`` before touching the weights when the checkpoint's
@@ -79,14 +121,49 @@ class CloudEngine:
         model = InternVLForConditionalGeneration.from_pretrained(
             config.model_dir, dtype=DTYPES[config.dtype], attn_implementation="sdpa", local_files_only=True
         ).to(config.device)
-        return cls(config, files, model)
+        return cls(config, files, model, observer)
 
-    def answer(self, request: CloudRequest, should_stop: Callable[[], bool] | None = None) -> CloudReply:
-        """Validate, run vision + pruned prefill + greedy decode, return the answer and its costs."""
-        t0 = time.perf_counter()
-        self._check_model_and_budget(request)
+    def close(self) -> None:
+        """Stop the batching loop; sequences still running get UNAVAILABLE."""
+        self.scheduler.close()
+
+    # ------------------------------------------------------------------ the request path
+
+    def check_limits(self, request: CloudRequest) -> None:
+        """The checks that need neither the image nor the tokenizer: model id, budget, prompt size."""
+        if request.model and request.model != self.model_id:
+            raise RequestError(
+                grpc.StatusCode.NOT_FOUND,
+                f"unknown model {clip_text(request.model)}; this server serves {self.model_id!r}",
+            )
+        limit = self.config.max_new_tokens_limit
+        if not 1 <= request.max_new_tokens <= limit:
+            raise RequestError(
+                grpc.StatusCode.OUT_OF_RANGE,
+                f"max_new_tokens must be in 1..{limit}, got {request.max_new_tokens}",
+            )
+        fewest_tokens = len(request.prompt) // self._max_token_chars + request.num_visual_tokens
+        if fewest_tokens + request.max_new_tokens > self.max_context:
+            raise RequestError(
+                grpc.StatusCode.OUT_OF_RANGE,
+                f"a prompt of {len(request.prompt)} characters and {request.num_visual_tokens} visual tokens "
+                f"+ max_new_tokens {request.max_new_tokens} exceeds the context of {self.max_context} tokens",
+            )
+
+    def prepare(
+        self,
+        request: CloudRequest,
+        sink: SequenceSink,
+        should_stop: Callable[[], bool] | None = None,
+        stop_error: Callable[[], RequestError] | None = None,
+        record_logits: bool = False,
+    ) -> PreparedRequest:
+        """Validate ``request`` and build its sequence (CPU work: decode, tiling, prompt ids)."""
+        t0 = time.monotonic()
+        self.check_limits(request)
         image = decode_image(request.image, request.mime_type, max_pixels=self.config.max_image_pixels)
         pixel_values, layout = preprocess_image(image, self.files.tiling)
+        del image  # only the tiles go on; the full-size copy is freed before the queue
         self._check_layout(request, layout)
         keep = _check_indices(request.kept_indices, layout.num_visual_tokens, request.retention)
         try:
@@ -100,50 +177,72 @@ class CloudEngine:
                 f"prompt of {len(prompt.input_ids)} tokens + max_new_tokens {request.max_new_tokens} "
                 f"exceeds the context of {self.max_context} tokens",
             )
-
-        features = self.sgp.image_features(torch.from_numpy(pixel_values))
-        input_ids = torch.from_numpy(np.array(prompt.input_ids))  # a writable copy
-        inputs_embeds = self.sgp.embed(input_ids, features)
-        t_vision = time.perf_counter()
         keep_positions = kept_sequence_positions(
-            len(input_ids), prompt.visual_start, layout.num_visual_tokens, torch.from_numpy(keep)
+            len(prompt.input_ids), prompt.visual_start, layout.num_visual_tokens, torch.from_numpy(keep)
         )
-        try:
-            gen = self.sgp.generate(
-                inputs_embeds, keep_positions, request.max_new_tokens, self.files.eos_token_ids, should_stop
-            )
-        except GenerationCancelled as exc:
-            raise RequestError(grpc.StatusCode.CANCELLED, f"generation cancelled: {exc}") from exc
-        return CloudReply(
-            request_id=request.request_id,
-            model=self.model_id,
-            text=decode_answer(self.files, gen.token_ids),
-            token_ids=tuple(gen.token_ids),
-            prompt_tokens=gen.prompt_tokens,
-            pruned_prompt_tokens=gen.pruned_prompt_tokens,
+        rule = StopRule(
+            eos_token_ids=frozenset(self.files.eos_token_ids),
+            max_new_tokens=request.max_new_tokens,
+            stop=request.sampling.stop,
+            decode=partial(decode_answer, self.files),
+        )
+        sequence = SequenceInput(
+            pixel_values=pixel_values,
+            input_ids=np.array(prompt.input_ids),  # a writable copy
+            keep_positions=keep_positions,
+            rule=rule,
+            sampling=request.sampling,
+            sink=sink,
+            should_stop=should_stop or (lambda: False),
+            record_logits=record_logits,
+        )
+        if stop_error is not None:
+            sequence.stop_error = stop_error
+        return PreparedRequest(
+            request=request,
+            sequence=sequence,
             num_visual_tokens=layout.num_visual_tokens,
             kept_visual_tokens=len(keep),
+            prepare_s=time.monotonic() - t0,
+        )
+
+    def submit(self, prepared: PreparedRequest) -> None:
+        """Hand a prepared request to the batching loop (started on first use)."""
+        self.scheduler.start()
+        self.scheduler.submit(prepared.sequence)
+
+    def reply(self, prepared: PreparedRequest, result: SequenceResult, received: float) -> CloudReply:
+        """The reply for a finished sequence; ``received`` is when the request arrived (monotonic)."""
+        ms = 1e3
+        prepared_at = received + prepared.prepare_s
+        return CloudReply(
+            request_id=prepared.request.request_id,
+            model=self.model_id,
+            text=prepared.sequence.rule.answer_text(result.token_ids),
+            token_ids=tuple(result.token_ids),
+            prompt_tokens=result.prompt_tokens,
+            pruned_prompt_tokens=result.pruned_prompt_tokens,
+            num_visual_tokens=prepared.num_visual_tokens,
+            kept_visual_tokens=prepared.kept_visual_tokens,
             prune_layer=self.prune_layer,
+            finish_reason=result.finish_reason,
             timings=Timings(
-                vision_ms=(t_vision - t0) * 1e3,
-                prefill_ms=gen.prefill_ms,
-                decode_ms=gen.decode_ms,
-                total_ms=(time.perf_counter() - t0) * 1e3,
+                queue_ms=max(0.0, result.admitted_at - prepared_at) * ms,
+                vision_ms=(prepared.prepare_s + result.vision_s) * ms,
+                prefill_ms=result.prefill_s * ms,
+                decode_ms=(result.finished_at - result.first_token_at) * ms,
+                first_token_ms=(result.first_token_at - received) * ms,
+                total_ms=(time.monotonic() - received) * ms,
             ),
         )
 
-    def _check_model_and_budget(self, request: CloudRequest) -> None:
-        if request.model and request.model != self.model_id:
-            raise RequestError(
-                grpc.StatusCode.NOT_FOUND,
-                f"unknown model {request.model!r}; this server serves {self.model_id!r}",
-            )
-        limit = self.config.max_new_tokens_limit
-        if not 1 <= request.max_new_tokens <= limit:
-            raise RequestError(
-                grpc.StatusCode.OUT_OF_RANGE,
-                f"max_new_tokens must be in 1..{limit}, got {request.max_new_tokens}",
-            )
+    def answer(self, request: CloudRequest, should_stop: Callable[[], bool] | None = None) -> CloudReply:
+        """Validate, run in the batch, wait, and return the answer and its costs (blocking)."""
+        received = time.monotonic()
+        sink = _WaitingSink()
+        prepared = self.prepare(request, sink, should_stop)
+        self.submit(prepared)
+        return self.reply(prepared, sink.wait(), received)
 
     def _check_layout(self, request: CloudRequest, layout) -> None:
         if request.num_visual_tokens != layout.num_visual_tokens:
@@ -160,6 +259,32 @@ class CloudEngine:
                 f"(fingerprint {request.layout_fingerprint:016x}), the cloud computes "
                 f"{_describe(layout)} (fingerprint {fingerprint:016x}); edge and cloud must tile alike",
             )
+
+
+class _WaitingSink:
+    """A SequenceSink that a blocking caller waits on."""
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self._result: SequenceResult | None = None
+        self._error: RequestError | None = None
+
+    def tokens(self, token_ids: list[int]) -> None:
+        pass
+
+    def finished(self, result: SequenceResult) -> None:
+        self._result = result
+        self._done.set()
+
+    def failed(self, error: RequestError) -> None:
+        self._error = error
+        self._done.set()
+
+    def wait(self) -> SequenceResult:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._result
 
 
 def _describe(layout) -> str:

@@ -1,27 +1,23 @@
-"""The cloud gRPC service: ``stitch.v1.Cascade`` around the pruned large VLM.
+"""The cloud gRPC service: ``stitch.v1.Cascade`` around the batching large VLM.
 
-One ``grpc.aio`` server carries three services: ``Cascade`` (answers), the
-standard health service (NOT_SERVING until the weights have loaded, and again
-while shutting down) and reflection. The port is bound first and the weights
-load in a background thread, so orchestrators can probe health during a slow
-load. Optional TLS, and an optional bearer token that every call but health
-must carry. Lifecycle lines ("stitch-cloud loading: listening on HOST:PORT",
-"stitch-cloud ready: ...", "stitch-cloud metrics: ...", "stitch-cloud stopped ...")
-go to stdout; one key=value log line per request (``request id=... status=...``,
-then the reply's counts and timings or the error, ``total_ms`` and the
-serialized message sizes) goes to the ``stitchvlm.cloud.server`` logger. Every
-finished request is also counted in the server's ``CloudMetrics``, served at
-``/metrics`` on ``ServerConfig.metrics_port`` when that is set.
+One ``grpc.aio`` server carries three services: ``Cascade`` (``Answer``,
+``AnswerStream``, ``GetModelInfo``), the standard health service (NOT_SERVING
+until the weights have loaded, and again while draining) and reflection;
+optional TLS, and an optional bearer token (``auth``) that every call but
+health must carry. One key=value log line per request goes to the
+``stitchvlm.cloud.server`` logger, and every finished request is counted in
+``CloudMetrics``. Starting, loading and draining the process are
+``lifecycle``'s.
 
-What the servicer does: convert the wire message at the boundary
-(``wire.request_from_proto``), admit at most ``max_concurrency`` generations
-with at most ``max_queue`` waiting behind them, run ``CloudEngine.answer`` in a
-worker thread with a ``should_stop`` that turns True once the RPC is cancelled
-or past its deadline (the slot stays taken until the generation has really
-stopped), and map ``RequestError`` to its status; anything else is INTERNAL
-with the request id, traceback in the log. What it does not do: validation
-that needs the model (image size, layout, context length, model id; the
-engine raises ``RequestError`` for those), batching, or streaming.
+What the servicer does (STYLE 13: it only converts, admits, awaits): parse
+the message (bytes that do not parse are INVALID_ARGUMENT, logged and counted),
+convert it at the boundary (``wire.request_from_proto``), run the engine's
+cheap checks, admit at most ``max_batch_size + max_queue`` requests, run
+``CloudEngine.prepare`` (image decode, tiling, prompt) on a small thread pool
+that bounds decoded-image memory, submit to the engine's batching loop and
+relay its tokens (a stream of deltas, or one reply). Cancellation and
+deadlines reach the loop through ``StopSignal``; the loop drops the row at its
+next step. What it does not do: touch the model or its cache.
 """
 
 from __future__ import annotations
@@ -29,29 +25,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hmac
 import json
 import logging
 import re
-import signal
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ..shared import wire
-from ..shared.errors import RequestError
-from ..shared.pb import cascade_pb2, cascade_pb2_grpc
+from ..shared.errors import RequestError, clip_text
+from ..shared.pb import cascade_pb2
+from ..shared.preprocess import MIME_FORMATS
 from ..shared.types import CloudReply, CloudRequest
-from .engine import CloudEngine, EngineConfig
-from .metrics import CloudMetrics, MetricsServer
+from .auth import BearerTokenInterceptor
+from .engine import CloudEngine, PreparedRequest
+from .metrics import CloudMetrics
+from .scheduler import SequenceResult
+from .text import TextStream
 
 logger = logging.getLogger("stitchvlm.cloud.server")
 
@@ -67,28 +67,33 @@ DEADLINE_SLACK_S = 0.1
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
 # Statuses of a request that ended early; their log line says whether the engine saw should_stop.
 STOP_CODES = (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED)
+# Requests decoding their image at once: bounds decoded-image memory to this many full-size copies.
+PREPARE_THREADS = 2
+# How long a cancelled RPC waits for the loop to drop its sequence (one decode step, normally).
+CANCEL_WAIT_S = 10.0
+# Longest status message sent (gRPC carries it in a header; clients refuse large metadata).
+MAX_STATUS_CHARS = 1024
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """How the cloud service listens and admits work (the model is EngineConfig's business)."""
+    """How the cloud service listens and admits work (the model and batching are EngineConfig's)."""
 
     host: str = "127.0.0.1"  # interface to bind; "0.0.0.0" / "::" for all
     port: int = 50051  # TCP port; 0 lets the OS pick a free one (the ready line names it)
-    max_concurrency: int = 1  # generations running at once (worker threads)
-    max_queue: int = 8  # requests allowed to wait for a slot; beyond -> RESOURCE_EXHAUSTED
+    max_queue: int = 8  # requests allowed to wait beyond a full batch; beyond -> RESOURCE_EXHAUSTED
     max_message_bytes: int = 32 * 1024 * 1024  # receive limit; grpc answers RESOURCE_EXHAUSTED beyond
-    grace_seconds: float = 10.0  # on shutdown, how long in-flight requests may take to finish
+    grace_seconds: float = 10.0  # on shutdown, how long running generations may take to finish
     tls_cert: Path | None = None  # PEM certificate chain; TLS when set (with tls_key)
     tls_key: Path | None = None  # PEM private key for tls_cert
     auth_token: str | None = None  # bearer token every call but health must carry; None = no auth
     metrics_port: int | None = None  # Prometheus /metrics HTTP port on ``host``; None = off, 0 = a free port
 
     def __post_init__(self) -> None:
-        if self.max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be >= 1, got {self.max_concurrency}")
         if self.max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+        if self.grace_seconds < 0:
+            raise ValueError(f"grace_seconds must be >= 0, got {self.grace_seconds}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
         if self.auth_token == "":
@@ -100,8 +105,8 @@ class ServerConfig:
 class StopSignal:
     """``should_stop`` for one generation: True once the RPC is cancelled or past its deadline.
 
-    Called from the worker thread between decode steps; ``cancel`` is called
-    from the event loop. ``observed`` records that the engine saw it turn True,
+    Called from the batching loop between decode steps; ``cancel`` is called
+    from the event loop. ``observed`` records that the loop saw it turn True,
     which the request log reports (the proof that cancellation stops work).
     """
 
@@ -123,63 +128,177 @@ class StopSignal:
             self.observed = True
         return stop
 
+    def error(self) -> RequestError:
+        """The status of a generation this signal stopped."""
+        if self.deadline_passed(DEADLINE_SLACK_S):
+            return RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed during generation")
+        return RequestError(grpc.StatusCode.CANCELLED, "generation cancelled")
 
-class CascadeService(cascade_pb2_grpc.CascadeServicer):
-    """The ``stitch.v1.Cascade`` servicer: admission, threading and status mapping around the engine."""
+
+class _Unparseable:
+    """What the request deserializer hands on for bytes that are not an ``AnswerRequest``."""
+
+    def __init__(self, data: bytes) -> None:
+        self.size = len(data)
+
+    def ByteSize(self) -> int:  # noqa: N802 - the protobuf name the servicer calls
+        return self.size
+
+
+def parse_answer_request(data: bytes) -> cascade_pb2.AnswerRequest | _Unparseable:
+    try:
+        return cascade_pb2.AnswerRequest.FromString(data)
+    except DecodeError:
+        return _Unparseable(data)
+
+
+class SequenceEvents:
+    """A SequenceSink that hands the loop's events to one RPC's coroutine (thread-safe)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._queue: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
+
+    def _post(self, kind: str, value: object) -> None:
+        with contextlib.suppress(RuntimeError):  # the event loop has closed (shutdown): nobody listens
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, (kind, value))
+
+    def tokens(self, token_ids: list[int]) -> None:
+        self._post("tokens", token_ids)
+
+    def finished(self, result: SequenceResult) -> None:
+        self._post("finished", result)
+
+    def failed(self, error: RequestError) -> None:
+        self._post("failed", error)
+
+    async def next(self) -> tuple[str, object]:
+        return await self._queue.get()
+
+    async def wait_end(self, timeout: float) -> None:
+        """Until the loop reports the sequence's end (it left the batch), at most ``timeout`` seconds."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            async with asyncio.timeout(timeout):
+                while (await self._queue.get())[0] == "tokens":
+                    pass
+
+
+class CascadeService:
+    """The ``stitch.v1.Cascade`` servicer: admission and status mapping around the engine."""
 
     def __init__(self, config: ServerConfig, metrics: CloudMetrics | None = None) -> None:
         self.config = config
         self.engine: CloudEngine | None = None  # set once the weights have loaded
         self.metrics = metrics if metrics is not None else CloudMetrics()
-        self._slots = asyncio.Semaphore(config.max_concurrency)
-        self._admitted = 0  # requests running or waiting for a slot
-        self._running = 0  # requests holding a slot (their generation runs until it has really stopped)
-        self._executor = ThreadPoolExecutor(config.max_concurrency, thread_name_prefix="stitch-generate")
+        self.draining = False  # set on SIGTERM: nothing new is admitted
+        self._admitted = 0  # requests between admission and their final status
+        self._prepare_pool = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="stitch-prepare")
+        self.metrics.track_admission(self.admission_counts)
 
     def close(self) -> None:
-        """Wait for the worker threads (their RPCs are done, so their should_stop is True)."""
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        """Stop the engine's loop and the prepare threads."""
+        if self.engine is not None:
+            self.engine.close()
+        self._prepare_pool.shutdown(wait=True, cancel_futures=True)
 
-    async def Answer(
-        self, request: cascade_pb2.AnswerRequest, context: grpc.aio.ServicerContext
-    ) -> cascade_pb2.AnswerReply:
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The Cascade methods, with a request parser that never raises (see ``_Unparseable``)."""
+        serialize = cascade_pb2.AnswerReply.SerializeToString
+        return grpc.method_handlers_generic_handler(
+            CASCADE_SERVICE,
+            {
+                "Answer": grpc.unary_unary_rpc_method_handler(
+                    self.Answer, request_deserializer=parse_answer_request, response_serializer=serialize
+                ),
+                "AnswerStream": grpc.unary_stream_rpc_method_handler(
+                    self.AnswerStream,
+                    request_deserializer=parse_answer_request,
+                    response_serializer=cascade_pb2.AnswerChunk.SerializeToString,
+                ),
+                "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+                    self.GetModelInfo,
+                    request_deserializer=cascade_pb2.ModelInfoRequest.FromString,
+                    response_serializer=cascade_pb2.ModelInfo.SerializeToString,
+                ),
+            },
+        )
+
+    # ------------------------------------------------------------------ RPCs
+
+    async def Answer(self, message, context: grpc.aio.ServicerContext) -> cascade_pb2.AnswerReply:  # noqa: N802
+        reply: cascade_pb2.AnswerReply | None = None
+        async for chunk in self._serve(message, context, stream=False):
+            reply = chunk.final
+        return reply
+
+    async def AnswerStream(
+        self, message, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[cascade_pb2.AnswerChunk]:  # noqa: N802
+        async for chunk in self._serve(message, context, stream=True):
+            yield chunk
+
+    async def GetModelInfo(self, _request, context: grpc.aio.ServicerContext) -> cascade_pb2.ModelInfo:  # noqa: N802
+        engine = self.engine
+        if engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "model loading; retry when health is SERVING")
+        return model_info(engine, self.config)
+
+    # ------------------------------------------------------------------ one request
+
+    async def _serve(self, message, context: grpc.aio.ServicerContext, stream: bool):
+        """Admit, prepare, submit and relay one request; yields AnswerChunks (deltas when ``stream``)."""
         received = time.monotonic()
-        request_bytes = request.ByteSize()
-        request_id = request.request_id or uuid.uuid4().hex
+        request_bytes = message.ByteSize()
+        if isinstance(message, _Unparseable):
+            text = "request is not a valid stitch.v1.AnswerRequest message"
+            await self._refuse(
+                context,
+                uuid.uuid4().hex,
+                RequestError(grpc.StatusCode.INVALID_ARGUMENT, text),
+                received,
+                request_bytes,
+            )
+        request_id = message.request_id or uuid.uuid4().hex
         if not REQUEST_ID.fullmatch(request_id):
             # Never echo it into the log as is: it could forge log lines.
-            fresh = uuid.uuid4().hex
-            message = "request_id must be 1-128 characters of A-Z a-z 0-9 . _ : / -"
-            self._record(
-                fresh,
-                grpc.StatusCode.INVALID_ARGUMENT,
+            text = "request_id must be 1-128 characters of A-Z a-z 0-9 . _ : / -"
+            error = RequestError(grpc.StatusCode.INVALID_ARGUMENT, text)
+            await self._refuse(
+                context,
+                uuid.uuid4().hex,
+                error,
                 received,
                 request_bytes,
-                message=f"{message}; got {request_id!r}",
+                f"{text}; got {clip_text(request_id)}",
             )
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
         remaining = context.time_remaining()  # seconds, None without a deadline
         stop = StopSignal(None if remaining is None else received + remaining)
-        # Whatever ends the RPC (cancel, deadline, abort) also ends its generation.
-        context.add_done_callback(lambda _: stop.cancel())
+        context.add_done_callback(lambda _: stop.cancel())  # whatever ends the RPC ends its generation
+        admitted = False
+        events: SequenceEvents | None = None  # set once the request is in the batching loop
         try:
-            reply = await self._answer(request, request_id, received, stop)
+            request = self._check(message, request_id, stop)
+            self._admit()
+            admitted = True
+            sink = SequenceEvents(asyncio.get_running_loop())
+            prepared = await self._prepare(request, sink, stop)
+            self.engine.submit(prepared)
+            events = sink
+            async for chunk in self._relay(prepared, events, received, request_bytes, stream):
+                yield chunk
         except RequestError as err:
+            if err.code in STOP_CODES:
+                err = stop.error() if err.code == grpc.StatusCode.CANCELLED else err
             stopped = stop.observed if err.code in STOP_CODES else None
-            self._record(
-                request_id,
-                err.code,
-                received,
-                request_bytes,
-                message=err.message,
-                should_stop_observed=stopped,
+            await self._refuse(
+                context, request_id, err, received, request_bytes, should_stop_observed=stopped
             )
-            await context.abort(err.code, err.message)  # raises: ends the call with this status
         except asyncio.CancelledError:
+            stop.cancel()
+            if events is not None:  # its place stays taken until the loop has really dropped it
+                await events.wait_end(CANCEL_WAIT_S)
             status = (
-                grpc.StatusCode.DEADLINE_EXCEEDED
-                if stop.deadline_passed(DEADLINE_SLACK_S)
-                else grpc.StatusCode.CANCELLED
+                stop.error().code if stop.deadline_passed(DEADLINE_SLACK_S) else grpc.StatusCode.CANCELLED
             )
             self._record(request_id, status, received, request_bytes, should_stop_observed=stop.observed)
             raise
@@ -187,9 +306,86 @@ class CascadeService(cascade_pb2_grpc.CascadeServicer):
             logger.exception("exception id=%s", request_id)
             self._record(request_id, grpc.StatusCode.INTERNAL, received, request_bytes)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
-        message = wire.reply_to_proto(reply)
-        self._record(request_id, grpc.StatusCode.OK, received, request_bytes, reply, message.ByteSize())
-        return message
+        finally:
+            if admitted:
+                self._admitted -= 1
+
+    def _check(self, message: cascade_pb2.AnswerRequest, request_id: str, stop: StopSignal) -> CloudRequest:
+        """Everything that needs no image decode or tokenizer, before the request takes a place."""
+        engine = self.engine
+        if engine is None:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "model loading; retry when health is SERVING")
+        if self.draining:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "server shutting down; retry on another replica")
+        if stop.deadline_passed():
+            raise RequestError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, "deadline expired before the request started"
+            )
+        request = dataclasses.replace(wire.request_from_proto(message), request_id=request_id)
+        engine.check_limits(request)
+        return request
+
+    def _admit(self) -> None:
+        batch = self.engine.config.max_batch_size
+        if self._admitted >= batch + self.config.max_queue:
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"queue full ({batch} in the batch, {self.config.max_queue} waiting); retry later",
+            )
+        self._admitted += 1
+
+    async def _prepare(
+        self, request: CloudRequest, events: SequenceEvents, stop: StopSignal
+    ) -> PreparedRequest:
+        loop = asyncio.get_running_loop()
+        work = partial(self.engine.prepare, request, events, should_stop=stop, stop_error=stop.error)
+        return await loop.run_in_executor(self._prepare_pool, work)
+
+    async def _relay(
+        self,
+        prepared: PreparedRequest,
+        events: SequenceEvents,
+        received: float,
+        request_bytes: int,
+        stream: bool,
+    ):
+        text = TextStream(prepared.sequence.rule) if stream else None
+        while True:
+            kind, value = await events.next()
+            if kind == "failed":
+                raise value
+            if kind == "tokens":
+                if text is not None:
+                    yield wire.delta_to_proto(text.push(value), value)
+                continue
+            reply = self.engine.reply(prepared, value, received)
+            if text is not None:
+                rest = text.push([], final=True)
+                if rest:
+                    yield wire.delta_to_proto(rest, [])
+            message = wire.reply_to_proto(reply)
+            self._record(
+                reply.request_id, grpc.StatusCode.OK, received, request_bytes, reply, message.ByteSize()
+            )
+            yield cascade_pb2.AnswerChunk(final=message)
+            return
+
+    async def _refuse(
+        self,
+        context: grpc.aio.ServicerContext,
+        request_id: str,
+        error: RequestError,
+        received: float,
+        request_bytes: int,
+        log_message: str | None = None,
+        **log_fields: object,
+    ) -> None:
+        """Log, count and end the call with ``error`` (its message cut to what metadata carries)."""
+        message = clip_text(error.message, MAX_STATUS_CHARS, quote=False)
+        self._record(
+            request_id, error.code, received, request_bytes, message=log_message or message, **log_fields
+        )
+        await context.abort(error.code, message)  # raises: ends the call with this status
 
     def _record(
         self,
@@ -213,66 +409,40 @@ class CascadeService(cascade_pb2_grpc.CascadeServicer):
         )
         self.metrics.observe(status, reply, request_bytes, reply_bytes)
 
-    def _admission_changed(self) -> None:
-        self.metrics.set_admission(waiting=self._admitted - self._running, running=self._running)
+    def admission_counts(self) -> tuple[int, int]:
+        """(admitted requests not yet in the batch, sequences in it), for the gauges."""
+        running = self.engine.scheduler.counts[1] if self.engine is not None else 0
+        return max(0, self._admitted - running), running
 
-    async def _answer(
-        self, message: cascade_pb2.AnswerRequest, request_id: str, received: float, stop: StopSignal
-    ) -> CloudReply:
-        engine = self.engine
-        if engine is None:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, "model loading; retry when health is SERVING")
-        if stop.deadline_passed():
-            raise RequestError(
-                grpc.StatusCode.DEADLINE_EXCEEDED, "deadline expired before the request started"
-            )
-        request = dataclasses.replace(wire.request_from_proto(message), request_id=request_id)
-        if self._admitted >= self.config.max_concurrency + self.config.max_queue:
-            raise RequestError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"queue full ({self.config.max_concurrency} running, {self.config.max_queue} waiting); retry later",
-            )
-        self._admitted += 1
-        self._admission_changed()
-        try:
-            async with self._slots:
-                self._running += 1
-                self._admission_changed()
-                try:
-                    started = time.monotonic()
-                    if stop.deadline_passed():
-                        raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while queued")
-                    reply = await self._generate(engine, request, stop)
-                finally:
-                    self._running -= 1
-        finally:
-            self._admitted -= 1
-            self._admission_changed()
-        timings = dataclasses.replace(
-            reply.timings,
-            queue_ms=(started - received) * 1e3,
-            total_ms=(time.monotonic() - received) * 1e3,
-        )
-        return dataclasses.replace(reply, request_id=request_id, timings=timings)
 
-    async def _generate(self, engine: CloudEngine, request: CloudRequest, stop: StopSignal) -> CloudReply:
-        """Run ``engine.answer`` on a worker thread; keep the slot until that thread is really done."""
-        work = asyncio.wrap_future(self._executor.submit(engine.answer, request, stop))
-        try:
-            return await asyncio.shield(work)
-        except asyncio.CancelledError:
-            # The client went away or the deadline passed: tell the generation to stop, and hold
-            # the slot until it has, so the next request does not share the CPU/GPU with it.
-            stop.cancel()
-            with contextlib.suppress(BaseException):  # its outcome no longer matters, only that it ended
-                await asyncio.shield(work)
-            raise
-        except RequestError as err:
-            if err.code == grpc.StatusCode.CANCELLED and stop.deadline_passed(DEADLINE_SLACK_S):
-                raise RequestError(
-                    grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed during generation"
-                ) from err
-            raise
+def model_info(engine: CloudEngine, config: ServerConfig) -> cascade_pb2.ModelInfo:
+    """What a client needs to build requests for ``engine`` behind a server with ``config``."""
+    tiling = engine.files.tiling
+    return cascade_pb2.ModelInfo(
+        models=[engine.model_id],
+        tiling=cascade_pb2.Tiling(
+            tile_size=tiling.tile_size,
+            min_tiles=tiling.min_tiles,
+            max_tiles=tiling.max_tiles,
+            thumbnail=tiling.use_thumbnail,
+            tokens_per_tile=tiling.tokens_per_tile,
+            image_mean=list(tiling.image_mean),
+            image_std=list(tiling.image_std),
+        ),
+        prune_layer=engine.prune_layer,
+        num_layers=engine.sgp.num_layers,
+        max_new_tokens=engine.config.max_new_tokens_limit,
+        max_image_pixels=engine.config.max_image_pixels,
+        max_message_bytes=config.max_message_bytes,
+        max_context=engine.max_context,
+        index_encodings=[
+            cascade_pb2.KeptTokens.BITMAP,
+            cascade_pb2.KeptTokens.DELTA_VARINT,
+            cascade_pb2.KeptTokens.PLAIN,
+        ],
+        image_mime_types=sorted(MIME_FORMATS),
+        max_batch_size=engine.config.max_batch_size,
+    )
 
 
 def log_request(
@@ -315,45 +485,6 @@ def log_request(
     logger.info("request %s", " ".join(f"{k}={v}" for k, v in fields.items()))
 
 
-class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """Refuse calls without ``authorization: Bearer <token>`` (UNAUTHENTICATED); health is exempt."""
-
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or details.method.startswith(f"/{HEALTH_SERVICE}/"):
-            return handler
-        presented = dict(details.invocation_metadata or ()).get("authorization", "")
-        if hmac.compare_digest(str(presented).encode(), self._expected):
-            return handler
-        return _refusing_handler(handler, "missing or wrong bearer token")
-
-
-def _refusing_handler(like: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same streaming kind as ``like`` that answers UNAUTHENTICATED."""
-
-    async def refuse(_request, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    kwargs = {
-        "request_deserializer": like.request_deserializer,
-        "response_serializer": like.response_serializer,
-    }
-    if like.request_streaming and like.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(refuse, **kwargs)
-    if like.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(refuse, **kwargs)
-    if like.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(refuse, **kwargs)
-    return grpc.unary_unary_rpc_method_handler(refuse, **kwargs)
-
-
 def build_server(
     config: ServerConfig, service: CascadeService, health_servicer: health.aio.HealthServicer
 ) -> tuple[grpc.aio.Server, int]:
@@ -369,7 +500,7 @@ def build_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    cascade_pb2_grpc.add_CascadeServicer_to_server(service, server)
+    server.add_generic_rpc_handlers((service.handler(),))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((CASCADE_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
     address = f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}"
@@ -386,107 +517,3 @@ def build_server(
     except RuntimeError as error:  # grpc's "Failed to bind to address ..."
         raise OSError(f"cannot listen on {address}: {error}") from error
     return server, port
-
-
-async def load_engine_in_background(engine_config: EngineConfig) -> CloudEngine:
-    """``CloudEngine.load`` on a daemon thread, so a shutdown during a slow load need not wait for it."""
-    loop = asyncio.get_running_loop()
-    result: asyncio.Future[CloudEngine] = loop.create_future()
-
-    def settle(value: CloudEngine | None, error: BaseException | None) -> None:
-        if result.done():
-            return
-        if error is not None:
-            result.set_exception(error)
-        else:
-            result.set_result(value)
-
-    def load() -> None:
-        try:
-            engine = CloudEngine.load(engine_config)
-        except BaseException as error:  # handed to the event loop, which reports it
-            loop.call_soon_threadsafe(settle, None, error)
-        else:
-            loop.call_soon_threadsafe(settle, engine, None)
-
-    threading.Thread(target=load, name="stitch-load", daemon=True).start()
-    return await result
-
-
-def start_metrics(config: ServerConfig, metrics: CloudMetrics) -> MetricsServer | None:
-    """Serve ``/metrics`` when ``config.metrics_port`` is set; ``OSError`` when the port is taken."""
-    if config.metrics_port is None:
-        return None
-    try:
-        return metrics.serve(config.host, config.metrics_port)
-    except OSError as error:
-        raise OSError(f"cannot serve metrics on {config.host}:{config.metrics_port}: {error}") from error
-
-
-def announce(line: str) -> None:
-    """Lifecycle lines go to stdout whatever the log level: scripts and tests read the port from them."""
-    print(line, flush=True)
-
-
-async def serve(server_config: ServerConfig, engine_config: EngineConfig) -> int:
-    """Run the service until SIGTERM/SIGINT; returns the process exit code (0 on a clean stop).
-
-    Order: bind (health NOT_SERVING), load weights in the background, SERVING;
-    on a signal NOT_SERVING, ``server.stop(grace)`` so in-flight requests
-    finish, then join the worker threads.
-    """
-    health_servicer = health.aio.HealthServicer()
-    for name in HEALTH_NAMES:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    service = CascadeService(server_config)
-    try:
-        server, port = build_server(server_config, service, health_servicer)
-        metrics_server = start_metrics(server_config, service.metrics)
-    except OSError as error:
-        logger.error("%s", error)
-        return 1
-    await server.start()
-    host = server_config.host
-    scheme = "tls" if server_config.tls_cert else "insecure"
-    announce(
-        f"stitch-cloud loading: listening on {host}:{port} ({scheme}); NOT_SERVING until the model has loaded"
-    )
-    if metrics_server is not None:
-        announce(f"stitch-cloud metrics: http://{host}:{metrics_server.port}/metrics")
-
-    stop_requested = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop_requested.set)
-
-    exit_code = 0
-    load_started = time.monotonic()
-    loading = asyncio.ensure_future(load_engine_in_background(engine_config))
-    stopping = asyncio.ensure_future(stop_requested.wait())
-    await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    if loading.done() and loading.exception() is not None:
-        logger.error("loading the model failed", exc_info=loading.exception())
-        exit_code = 1
-    elif loading.done():
-        engine = loading.result()
-        service.engine = engine
-        for name in HEALTH_NAMES:
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        announce(
-            f"stitch-cloud ready: listening on {host}:{port} model={engine.model_id} K={engine.prune_layer} "
-            f"device={engine.config.device} dtype={engine.config.dtype} "
-            f"(loaded in {time.monotonic() - load_started:.2f}s)"
-        )
-        await stopping
-    else:
-        loading.cancel()  # the load thread is a daemon; it dies with the process
-
-    logger.info("shutdown health=NOT_SERVING grace_s=%.1f", server_config.grace_seconds)
-    await health_servicer.enter_graceful_shutdown()
-    await server.stop(server_config.grace_seconds)
-    service.close()
-    if metrics_server is not None:
-        metrics_server.close()
-    stopping.cancel()
-    announce(f"stitch-cloud stopped (exit code {exit_code})")
-    return exit_code

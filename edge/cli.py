@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ask.add_argument("--cpu", action="store_true", help="run ONNX Runtime on the CPU even when CUDA is there")
     ask.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
+    ask.add_argument(
+        "--stream", action="store_true", help="print the answer as it is generated, then the summary"
+    )
     ask.set_defaults(command_parser=ask)  # usage errors then show the subcommand's usage
     return parser
 
@@ -179,7 +182,7 @@ def ask(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         cloud = GrpcCloudClient(args.cloud, tls_root_cert=root_cert, auth_token=args.auth_token)
     with Cascade(model, cloud, config) as cascade:
         try:
-            result = cascade.ask(args.image, args.prompt)
+            result = stream_answer(cascade, args) if args.stream else cascade.ask(args.image, args.prompt)
         except (ValueError, FileNotFoundError) as error:
             parser.error(str(error))
         except CloudError as error:
@@ -190,6 +193,17 @@ def ask(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                 cloud.close()
     print(json.dumps(result_json(result), allow_nan=False) if args.json else summary(result))
     return EXIT_OK
+
+
+def stream_answer(cascade: Cascade, args: argparse.Namespace) -> Result:
+    """Print the answer's text as its chunks arrive (stderr for --json, whose stdout is one object)."""
+    out = sys.stderr if args.json else sys.stdout
+    result = None
+    for chunk in cascade.stream(args.image, args.prompt):
+        print(chunk.text, end="", file=out, flush=True)
+        result = chunk.result or result
+    print(file=out, flush=True)
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:

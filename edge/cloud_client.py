@@ -1,8 +1,10 @@
 """How the edge asks the cloud: one client interface, two transports.
 
 - ``CloudClient``: ``answer(request, timeout_s) -> CloudReply`` and its
-  awaitable twin ``answer_async``; every failure is a ``CloudError`` carrying
-  the gRPC status, whatever the transport.
+  awaitable twin ``answer_async``; ``stream`` / ``stream_async`` yield the
+  answer as ``CloudChunk``s while it is generated, the last one carrying the
+  whole reply. Every failure is a ``CloudError`` carrying the gRPC status,
+  whatever the transport.
 - ``GrpcCloudClient``: the ``stitch.v1.Cascade`` stub over a gRPC channel
   (TLS and a bearer token optional). The whole call, retries included, runs
   within one deadline of ``timeout_s``; UNAVAILABLE (no server, server still
@@ -27,6 +29,7 @@ import asyncio
 import random
 import threading
 import time
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -75,6 +78,15 @@ def _wire_size(message: cascade_pb2.AnswerRequest) -> WireSize:
     return WireSize(total=total, image=image, indices=indices, other=total - image - indices)
 
 
+@dataclass(frozen=True)
+class CloudChunk:
+    """One piece of a streamed answer: new text and its ids, or (last) the whole reply."""
+
+    text: str  # new text; the texts of all chunks concatenated are the reply's text
+    token_ids: tuple[int, ...]  # ids generated since the previous chunk
+    reply: CloudReply | None = None  # set on the last chunk only
+
+
 class _Cancellation:
     """Lets an abandoned ``answer_async`` stop the worker thread's call and its backoff sleeps."""
 
@@ -116,6 +128,50 @@ class CloudClient(abc.ABC):
     async def answer_async(self, request: CloudRequest, timeout_s: float) -> CloudReply:
         """``answer`` on a worker thread. Transports that can stop a call override this."""
         return await asyncio.to_thread(self.answer, request, timeout_s)
+
+    def stream(self, request: CloudRequest, timeout_s: float) -> Iterator[CloudChunk]:
+        """The answer as it is generated; the last chunk holds the reply. ``CloudError`` on failure."""
+        return self._stream(request, timeout_s, _Cancellation())
+
+    async def stream_async(self, request: CloudRequest, timeout_s: float) -> AsyncIterator[CloudChunk]:
+        """``stream`` for asyncio: the call runs on a worker thread and stops when the iteration does."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
+        cancellation = _Cancellation()
+
+        def pump() -> None:
+            def put(kind: str, value: object) -> None:
+                loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+
+            try:
+                for chunk in self._stream(request, timeout_s, cancellation):
+                    put("chunk", chunk)
+                put("end", None)
+            except BaseException as error:  # handed to the awaiting side, which raises it
+                put("error", error)
+
+        worker = asyncio.ensure_future(asyncio.to_thread(pump))
+        try:
+            while True:
+                kind, value = await queue.get()
+                if kind == "end":
+                    return
+                if kind == "error":
+                    raise value
+                yield value
+        finally:
+            cancellation.cancel()
+            worker.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    def _stream(
+        self, request: CloudRequest, timeout_s: float, cancellation: _Cancellation
+    ) -> Iterator[CloudChunk]:
+        """Transports without streaming: the whole answer as one chunk, then the reply."""
+        if cancellation.is_set():
+            raise CloudError(grpc.StatusCode.CANCELLED, "cancelled by the caller")
+        reply = self.answer(request, timeout_s)
+        yield CloudChunk(reply.text, reply.token_ids)
+        yield CloudChunk("", (), reply)
 
     def wire_size(self, request: CloudRequest) -> WireSize:
         """What ``request`` costs on the wire with this client's index encoding."""
@@ -198,6 +254,43 @@ class GrpcCloudClient(CloudClient):
     def close(self) -> None:
         self._channel.close()
 
+    def _stream(
+        self, request: CloudRequest, timeout_s: float, cancellation: _Cancellation
+    ) -> Iterator[CloudChunk]:
+        """``AnswerStream``; UNAVAILABLE is retried as in ``answer`` until the first chunk has arrived."""
+        deadline = time.monotonic() + _check_timeout(timeout_s)
+        message = wire.request_to_proto(request, self.index_encoding)
+        attempts = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise CloudError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no reply within {timeout_s}s", attempts)
+            attempts += 1
+            call = self._stub.AnswerStream(message, timeout=remaining, metadata=self._metadata)
+            cancellation.attach(call)
+            received = False
+            try:
+                for chunk in call:
+                    received = True
+                    if chunk.HasField("final"):
+                        yield CloudChunk("", (), wire.reply_from_proto(chunk.final))
+                        return
+                    yield CloudChunk(chunk.delta.text, tuple(int(i) for i in chunk.delta.token_ids))
+                raise CloudError(grpc.StatusCode.INTERNAL, "the stream ended without a final reply", attempts)
+            except grpc.RpcError as error:
+                code, details = call.code(), call.details() or ""
+                if code == grpc.StatusCode.CANCELLED and cancellation.is_set():
+                    raise CloudError(code, "cancelled by the caller", attempts) from None
+                if received or code not in RETRYABLE_CODES or attempts > self.max_retries:
+                    raise CloudError(code, _with_attempts(details, attempts), attempts) from error
+            pause = _backoff(self.backoff_s, attempts)
+            if pause >= deadline - time.monotonic():
+                raise CloudError(
+                    code, _with_attempts(details, attempts) + "; deadline too close to retry", attempts
+                )
+            if cancellation.sleep(pause):
+                raise CloudError(grpc.StatusCode.CANCELLED, "cancelled by the caller", attempts)
+
     def _call(self, request: CloudRequest, timeout_s: float, cancellation: _Cancellation) -> CloudReply:
         deadline = time.monotonic() + _check_timeout(timeout_s)
         message = wire.request_to_proto(request, self.index_encoding)
@@ -255,9 +348,10 @@ class InProcessCloudClient(CloudClient):
     The request goes through ``wire.request_to_proto`` / ``request_from_proto``
     (the server's validation) and the reply through ``reply_to_proto`` /
     ``reply_from_proto``; ``RequestError`` becomes ``CloudError`` with its code.
-    Calls run one at a time, as on a server with ``max_concurrency`` 1; the
-    deadline covers the wait for that turn and stops the generation between
-    decode steps.
+    Calls run one at a time (the engine batches, but one caller's turn is
+    what an in-process test needs); the deadline covers the wait for that turn
+    and stops the generation between decode steps. ``stream`` gives the whole
+    answer as one chunk.
     """
 
     def __init__(self, engine: AnswersRequests, index_encoding: str = "auto") -> None:

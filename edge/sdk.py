@@ -12,6 +12,9 @@
 
 ``Cascade.ask_async`` / ``AsyncCascade.ask`` do the same awaitably: the ONNX
 work on a worker thread, the cloud call through ``CloudClient.answer_async``.
+``Cascade.stream`` / ``stream_async`` yield the answer as ``Chunk``s while the
+cloud generates it (an edge answer is one chunk), the last one carrying the
+``Result``.
 ``Cascade.stats()`` returns counters an application can show or export.
 
 This module holds the routing rules and the request building; the model is
@@ -28,6 +31,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,6 +110,16 @@ class Result:
     degraded: bool  # the cloud was asked and failed; ``answer`` is the edge's
     error: str | None  # the cloud's failure ("UNAVAILABLE: ...") when degraded
     request_id: str  # id of the cloud request ("" when the cloud was not called)
+
+
+@dataclass(frozen=True, eq=False)
+class Chunk:
+    """A piece of a streamed answer. The texts of all chunks concatenated are ``Result.answer``."""
+
+    text: str  # new text (the whole answer when it comes from the edge)
+    token_ids: tuple[int, ...]  # the ids behind ``text`` (the answering model's vocabulary)
+    route: str  # "edge" or "cloud": which model this text is from
+    result: Result | None = None  # on the last chunk: everything ``ask`` would have returned
 
 
 @dataclass(frozen=True)
@@ -204,6 +218,64 @@ class Cascade:
             reply, error = None, failure
         return self._finish(edge, reply, error, 1e3 * (time.perf_counter() - t0))
 
+    def stream(self, image: ImageInput, prompt: str) -> Iterator[Chunk]:
+        """``ask``, with the cloud's answer yielded as it is generated.
+
+        An edge answer (or a degraded one, when the cloud fails before its
+        first chunk) arrives as one chunk. A cloud failure after text has been
+        yielded raises ``CloudError`` whatever ``on_cloud_failure`` says: the
+        caller has shown part of the cloud's answer and must not get the
+        edge's appended to it.
+        """
+        edge = self._run_edge(image, prompt)
+        if edge.request is None:
+            yield self._last_chunk(self._finish(edge, None, None, 0.0), local=True)
+            return
+        t0 = time.perf_counter()
+        reply, error, streamed = None, None, False
+        try:
+            for piece in self.cloud.stream(edge.request, self.config.cloud_timeout_s):
+                if piece.reply is not None:
+                    reply = piece.reply
+                    break
+                streamed = True
+                yield Chunk(piece.text, piece.token_ids, ROUTE_CLOUD)
+        except CloudError as failure:
+            if streamed:
+                self._finish(edge, None, failure, 1e3 * (time.perf_counter() - t0), force_raise=True)
+            error = failure
+        result = self._finish(edge, reply, error, 1e3 * (time.perf_counter() - t0))
+        yield self._last_chunk(result, local=reply is None)
+
+    async def stream_async(self, image: ImageInput, prompt: str) -> AsyncIterator[Chunk]:
+        """``stream`` as an async generator: the ONNX work on a worker thread, the cloud stream awaited."""
+        edge = await asyncio.to_thread(self._run_edge, image, prompt)
+        if edge.request is None:
+            yield self._last_chunk(self._finish(edge, None, None, 0.0), local=True)
+            return
+        t0 = time.perf_counter()
+        reply, error, streamed = None, None, False
+        try:
+            async for piece in self.cloud.stream_async(edge.request, self.config.cloud_timeout_s):
+                if piece.reply is not None:
+                    reply = piece.reply
+                    break
+                streamed = True
+                yield Chunk(piece.text, piece.token_ids, ROUTE_CLOUD)
+        except CloudError as failure:
+            if streamed:
+                self._finish(edge, None, failure, 1e3 * (time.perf_counter() - t0), force_raise=True)
+            error = failure
+        result = self._finish(edge, reply, error, 1e3 * (time.perf_counter() - t0))
+        yield self._last_chunk(result, local=reply is None)
+
+    @staticmethod
+    def _last_chunk(result: Result, local: bool) -> Chunk:
+        """The closing chunk: the edge's whole answer when it answered, else nothing new."""
+        if local:
+            return Chunk(result.answer, result.edge_token_ids, ROUTE_EDGE, result)
+        return Chunk("", (), ROUTE_CLOUD, result)
+
     def stats(self) -> CascadeStats:
         """A snapshot of the counters."""
         with self._lock:
@@ -259,13 +331,18 @@ class Cascade:
         )
 
     def _finish(
-        self, edge: _EdgeOutcome, reply: CloudReply | None, error: CloudError | None, cloud_ms: float
+        self,
+        edge: _EdgeOutcome,
+        reply: CloudReply | None,
+        error: CloudError | None,
+        cloud_ms: float,
+        force_raise: bool = False,
     ) -> Result:
-        """Count, then build the Result (or raise the cloud's error in "raise" mode)."""
+        """Count, then build the Result (or raise the cloud's error in "raise" mode or ``force_raise``)."""
         request = edge.request
         wire = self.cloud.wire_size(request) if request is not None else None
-        degraded = error is not None and self.config.on_cloud_failure == ON_FAILURE_DEGRADE
-        self._count(edge, reply, error, wire)
+        degraded = error is not None and self.config.on_cloud_failure == ON_FAILURE_DEGRADE and not force_raise
+        self._count(edge, reply, error, wire, degraded)
         _log_result(edge, reply, error, wire, 1e3 * (time.perf_counter() - edge.started))
         if error is not None and not degraded:
             raise error
@@ -298,7 +375,12 @@ class Cascade:
         )
 
     def _count(
-        self, edge: _EdgeOutcome, reply: CloudReply | None, error: CloudError | None, wire: WireSize | None
+        self,
+        edge: _EdgeOutcome,
+        reply: CloudReply | None,
+        error: CloudError | None,
+        wire: WireSize | None,
+        degraded: bool,
     ) -> None:
         bump = {"asked": 1}
         if edge.decision.exit_on_edge:
@@ -311,7 +393,7 @@ class Cascade:
             if reply is not None:
                 bump["cloud_answered"] = 1
             else:
-                bump["degraded" if self.config.on_cloud_failure == ON_FAILURE_DEGRADE else "failed"] = 1
+                bump["degraded" if degraded else "failed"] = 1
         with self._lock:
             s = self._stats
             self._stats = dataclasses.replace(s, **{name: getattr(s, name) + n for name, n in bump.items()})
@@ -353,6 +435,10 @@ class AsyncCascade:
 
     async def ask(self, image: ImageInput, prompt: str) -> Result:
         return await self.cascade.ask_async(image, prompt)
+
+    def stream(self, image: ImageInput, prompt: str) -> AsyncIterator[Chunk]:
+        """``async for chunk in cascade.stream(image, prompt)``: see ``Cascade.stream``."""
+        return self.cascade.stream_async(image, prompt)
 
     def stats(self) -> CascadeStats:
         return self.cascade.stats()

@@ -18,3 +18,14 @@ class RequestError(Exception):
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
+
+
+def clip_text(value: str, limit: int = 64, quote: bool = True) -> str:
+    """A client-supplied string cut to ``limit`` characters for a status message or a log line.
+
+    ``quote`` gives its ``repr`` (control characters escaped); a cut value says
+    how long it was, so a 1 MB model id costs a few dozen bytes to report.
+    """
+    shown = value if len(value) <= limit else value[:limit]
+    text = repr(shown) if quote else shown
+    return text if len(value) <= limit else f"{text}... ({len(value)} characters)"

@@ -29,7 +29,7 @@ import grpc
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import RequestError
+from .errors import RequestError, clip_text
 from .layout import CLIP_MEAN, CLIP_STD, Layout, TilingConfig
 
 # At most 8192 x 8192 decoded pixels (192 MiB as RGB) unless the caller says otherwise.
@@ -91,7 +91,7 @@ def decode_image(data: bytes, mime_type: str = "", max_pixels: int = DEFAULT_MAX
     with image:
         detected = image.format or "unknown"
         if allowed is not None and detected not in allowed:
-            raise _invalid(f"mime_type {mime_type!r} does not match the image data, which is {detected}")
+            raise _invalid(f"mime_type {clip_text(mime_type)} does not match the image data, which is {detected}")
         width, height = image.size
         if width <= 0 or height <= 0:
             raise _invalid(f"image has zero size ({width}x{height})")
@@ -113,7 +113,7 @@ def _formats_for_mime(mime_type: str) -> tuple[str, ...] | None:
     if not mime:
         return None
     if mime not in MIME_FORMATS:
-        raise _invalid(f"unsupported mime_type {mime_type!r}; expected one of {sorted(MIME_FORMATS)}")
+        raise _invalid(f"unsupported mime_type {clip_text(mime_type)}; expected one of {sorted(MIME_FORMATS)}")
     return MIME_FORMATS[mime]
 
 

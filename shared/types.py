@@ -23,6 +23,22 @@ class Timings:
     prefill_ms: float = 0.0  # decoder prefill
     decode_ms: float = 0.0  # all decode steps
     total_ms: float = 0.0  # receipt to reply
+    first_token_ms: float = 0.0  # receipt to the first generated token (time to first token)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the cloud picks each token; the defaults are greedy decoding."""
+
+    temperature: float = 0.0  # 0: greedy (argmax); > 0: sample from softmax(logits / temperature)
+    top_k: int = 0  # sample among the k most likely tokens only; 0: all
+    top_p: float = 1.0  # sample within the smallest set whose probability reaches top_p; 1: all
+    seed: int | None = None  # seeds this request's own generator (same tokens in any batch); None: fresh
+    stop: tuple[str, ...] = ()  # end once the answer text contains one; the text is cut before it
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
 
 
 @dataclass(frozen=True)
@@ -40,6 +56,7 @@ class CloudRequest:
     max_new_tokens: int = 32  # generation budget
     request_id: str = ""  # caller's id; the server makes one when empty
     model: str = ""  # served model id; empty selects the default
+    sampling: SamplingParams = field(default_factory=SamplingParams)  # greedy unless set
 
 
 @dataclass(frozen=True)
@@ -56,3 +73,4 @@ class CloudReply:
     kept_visual_tokens: int
     prune_layer: int  # K
     timings: Timings = field(default_factory=Timings)
+    finish_reason: str = ""  # "eos" | "length" (max_new_tokens) | "stop" (a stop string)

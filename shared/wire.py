@@ -22,10 +22,13 @@ from .errors import RequestError
 from .layout import Layout
 from .pb import cascade_pb2
 from .scoring import keep_count
-from .types import CloudReply, CloudRequest, Timings
+from .types import CloudReply, CloudRequest, SamplingParams, Timings
 
 # max_new_tokens when a request carries no GenerationParams; the one default is CloudRequest's.
 DEFAULT_MAX_NEW_TOKENS: int = next(f.default for f in fields(CloudRequest) if f.name == "max_new_tokens")
+MAX_TEMPERATURE = 100.0  # above this, sampling is uniform noise for any model
+MAX_STOP_STRINGS = 8
+MAX_STOP_CHARS = 64  # per stop string
 
 
 def _invalid(message: str) -> RequestError:
@@ -77,7 +80,42 @@ def request_to_proto(req: CloudRequest, encoding: str = "auto") -> cascade_pb2.A
         retention=req.retention,
         kept=kept.to_proto(),
         layout=layout_to_proto(req.layout, req.layout_fingerprint),
-        generation=cascade_pb2.GenerationParams(max_new_tokens=req.max_new_tokens),
+        generation=generation_to_proto(req.max_new_tokens, req.sampling),
+    )
+
+
+def generation_to_proto(max_new_tokens: int, sampling: SamplingParams) -> cascade_pb2.GenerationParams:
+    msg = cascade_pb2.GenerationParams(
+        max_new_tokens=max_new_tokens,
+        temperature=sampling.temperature,
+        top_p=0.0 if sampling.top_p == 1.0 else sampling.top_p,
+        top_k=sampling.top_k,
+        stop=list(sampling.stop),
+    )
+    if sampling.seed is not None:
+        msg.seed = sampling.seed
+    return msg
+
+
+def sampling_from_proto(msg: cascade_pb2.GenerationParams) -> SamplingParams:
+    """The sampling settings of a request; INVALID_ARGUMENT names the field that is out of range."""
+    temperature = float(msg.temperature)
+    if not math.isfinite(temperature) or not 0.0 <= temperature <= MAX_TEMPERATURE:
+        raise _invalid(f"generation.temperature must be in 0..{MAX_TEMPERATURE:g}, got {temperature}")
+    top_p = float(msg.top_p)
+    if not math.isfinite(top_p) or not 0.0 <= top_p <= 1.0:
+        raise _invalid(f"generation.top_p must be in (0, 1] (0 for off), got {top_p}")
+    if len(msg.stop) > MAX_STOP_STRINGS:
+        raise _invalid(f"generation.stop holds {len(msg.stop)} strings; at most {MAX_STOP_STRINGS}")
+    for text in msg.stop:
+        if not 1 <= len(text) <= MAX_STOP_CHARS:
+            raise _invalid(f"generation.stop strings must be 1..{MAX_STOP_CHARS} characters, got {len(text)}")
+    return SamplingParams(
+        temperature=temperature,
+        top_k=int(msg.top_k),
+        top_p=top_p if top_p > 0.0 else 1.0,
+        seed=int(msg.seed) if msg.HasField("seed") else None,
+        stop=tuple(msg.stop),
     )
 
 
@@ -117,6 +155,7 @@ def request_from_proto(
     if not msg.HasField("kept"):
         raise _invalid("kept is missing")
     max_new_tokens = _max_new_tokens(msg)
+    sampling = sampling_from_proto(msg.generation)
     layout, fingerprint = layout_from_proto(msg.layout)
     # Checked before the indices: against the wrong grid their range errors would mislead.
     if layout.num_visual_tokens != n:
@@ -144,6 +183,7 @@ def request_from_proto(
         max_new_tokens=max_new_tokens,
         request_id=msg.request_id,
         model=msg.model,
+        sampling=sampling,
     )
 
 
@@ -168,7 +208,9 @@ def reply_to_proto(reply: CloudReply) -> cascade_pb2.AnswerReply:
             prefill_ms=t.prefill_ms,
             decode_ms=t.decode_ms,
             total_ms=t.total_ms,
+            first_token_ms=t.first_token_ms,
         ),
+        finish_reason=reply.finish_reason,
     )
 
 
@@ -191,5 +233,18 @@ def reply_from_proto(msg: cascade_pb2.AnswerReply) -> CloudReply:
             prefill_ms=t.prefill_ms,
             decode_ms=t.decode_ms,
             total_ms=t.total_ms,
+            first_token_ms=t.first_token_ms,
         ),
+        finish_reason=msg.finish_reason,
     )
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+def delta_to_proto(text: str, token_ids: list[int]) -> cascade_pb2.AnswerChunk:
+    return cascade_pb2.AnswerChunk(delta=cascade_pb2.TextDelta(text=text, token_ids=token_ids))
+
+
+def final_to_proto(reply: CloudReply) -> cascade_pb2.AnswerChunk:
+    return cascade_pb2.AnswerChunk(final=reply_to_proto(reply))

@@ -174,20 +174,17 @@ def test_refusal_reasons():
 def test_the_server_refuses_duplicate_authorization_headers():
     """The interceptor ``cloud/server.py`` installs refuses a wrong header followed by the right one.
 
-    Expected to fail (xfail) while server.py keeps its own copy, which reads the
-    headers through dict() and so judges the call by the last one; passes once it
-    imports ``BearerTokenInterceptor`` from ``cloud/auth.py``.
+    Guards against the server keeping an interceptor of its own that reads the
+    headers through dict() and so judges the call by the last one.
     """
     pytest.importorskip("torch")  # cloud.server imports the engine
     from stitchvlm.cloud import auth, server
 
-    wired = server.BearerTokenInterceptor is auth.BearerTokenInterceptor
+    assert server.BearerTokenInterceptor is auth.BearerTokenInterceptor
     for address in serve_in_thread(server.BearerTokenInterceptor(TOKEN)):
         try:
             call(address, "Unary", [bearer("nope"), bearer(TOKEN)])
         except grpc.RpcError as error:
             assert error.code() == grpc.StatusCode.UNAUTHENTICATED
         else:
-            if not wired:
-                pytest.xfail("cloud/server.py's own interceptor took the last header; import cloud/auth.py's")
             pytest.fail("a wrong authorization header followed by the right one was let through")

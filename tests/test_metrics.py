@@ -24,8 +24,9 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from servers import cloud_request, make_endless_checkpoint, running_cloud, tiling_of  # noqa: E402
 
 from stitchvlm.cloud.cli import build_parser  # noqa: E402
+from stitchvlm.cloud.lifecycle import start_metrics  # noqa: E402
 from stitchvlm.cloud.metrics import STAGES, CloudMetrics  # noqa: E402
-from stitchvlm.cloud.server import ServerConfig, start_metrics  # noqa: E402
+from stitchvlm.cloud.server import ServerConfig  # noqa: E402
 from stitchvlm.edge.cloud_client import CloudError, GrpcCloudClient, request_wire_size  # noqa: E402
 from stitchvlm.shared import wire  # noqa: E402
 from stitchvlm.shared.pb import cascade_pb2_grpc  # noqa: E402
@@ -43,6 +44,7 @@ def endless_checkpoint(tiny_checkpoint, tmp_path_factory):
 @pytest.fixture(scope="module")
 def cloud(endless_checkpoint):
     args = ("--metrics-port", "0", "--max-new-tokens", str(LONG), "--max-queue", "4", "--grace", "1")
+    args += ("--max-batch-size", "1")  # one sequence at a time: a second request waits
     with running_cloud(endless_checkpoint, *args) as process:
         process.metrics_url = f"http://127.0.0.1:{process.wait_for_log(METRICS_LINE)[1]}/metrics"
         yield process

@@ -75,10 +75,10 @@ from stitchvlm.cloud import cli, engine
 gate = Path(sys.argv[1])
 load = engine.CloudEngine.load.__func__
 
-def gated_load(cls, config):
+def gated_load(cls, config, **kwargs):
     while not gate.exists():
         time.sleep(0.01)
-    return load(cls, config)
+    return load(cls, config, **kwargs)
 
 engine.CloudEngine.load = classmethod(gated_load)
 sys.exit(cli.main(sys.argv[2:]))
@@ -285,7 +285,7 @@ def test_reflection_lists_cascade_and_health(cloud):
         assert {"stitch.v1.Cascade", "grpc.health.v1.Health"} <= services
         cascade_file = database.FindFileContainingSymbol("stitch.v1.Cascade")
         methods = [m.name for s in cascade_file.service if s.name == "Cascade" for m in s.method]
-        assert methods == ["Answer"]
+        assert methods == ["Answer", "AnswerStream", "GetModelInfo"]
 
 
 # ----------------------------------------------------------------------------- cancellation, deadlines
@@ -397,7 +397,7 @@ def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
 def hardened(endless_checkpoint, tmp_path_factory):
     """TLS, a bearer token from $STITCH_AUTH_TOKEN, one generation at a time and no queue."""
     cert, key = self_signed_certificate(tmp_path_factory.mktemp("tls"))
-    args = ("--tls-cert", str(cert), "--tls-key", str(key), "--max-concurrency", "1", "--max-queue", "0")
+    args = ("--tls-cert", str(cert), "--tls-key", str(key), "--max-batch-size", "1", "--max-queue", "0")
     with running_cloud(
         endless_checkpoint, *args, env={"STITCH_AUTH_TOKEN": TOKEN}, root_certificate=cert.read_bytes()
     ) as process:

@@ -31,7 +31,6 @@ from stitchvlm.shared import wire
 from stitchvlm.shared.layout import Layout, layout_fingerprint
 from stitchvlm.shared.pb import cascade_pb2, cascade_pb2_grpc
 from stitchvlm.shared.scoring import keep_count
-from stitchvlm.shared.types import CloudReply
 
 pytest.importorskip("torch")
 
@@ -219,68 +218,67 @@ def test_expired_deadline_is_deadline_exceeded(stub, tiling):
 # ----------------------------------------------------------------------------- servicer, in process
 
 
-class FlakyEngine:
-    """Raises an unexpected error on its first call, answers afterwards."""
+def flaky(method, error: Exception):
+    """``method`` that raises ``error`` on its first call and works afterwards."""
+    calls = {"n": 0}
 
-    model_id = "flaky"
+    def wrapper(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise error
+        return method(*args, **kwargs)
 
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def answer(self, request, should_stop=None) -> CloudReply:
-        self.calls += 1
-        if self.calls == 1:
-            raise RuntimeError("boom: a bug, not a bad request")
-        return CloudReply(
-            request_id=request.request_id,
-            model=self.model_id,
-            text="ok",
-            token_ids=(1, 2),
-            prompt_tokens=60,
-            pruned_prompt_tokens=24,
-            num_visual_tokens=request.num_visual_tokens,
-            kept_visual_tokens=len(request.kept_indices),
-            prune_layer=2,
-        )
+    return wrapper
 
 
-def test_unexpected_engine_error_is_internal_and_the_server_keeps_serving(tiling, caplog):
-    """A bug in the engine becomes INTERNAL naming the request id (traceback logged), not a dead server.
+def test_unexpected_engine_error_is_internal_and_the_server_keeps_serving(tiny_checkpoint, tiling, caplog):
+    """A bug in the engine becomes INTERNAL naming the request id (traceback logged), not a dead server;
+    a failing decode step fails its batch with INTERNAL and the loop serves the next request.
 
     Guards against exceptions escaping the servicer (grpc would answer UNKNOWN
-    with the exception text, leaking internals) and against a lost slot.
+    with the exception text, leaking internals), a lost admission place, and a
+    batching loop that dies with its step.
     """
     from grpc_health.v1 import health
 
+    from stitchvlm.cloud.engine import CloudEngine, EngineConfig
     from stitchvlm.cloud.server import CascadeService, ServerConfig, build_server
 
-    async def scenario() -> tuple[grpc.aio.AioRpcError, cascade_pb2.AnswerReply]:
-        config = ServerConfig(host="127.0.0.1", port=0, max_concurrency=1, max_queue=0)
+    engine = CloudEngine.load(EngineConfig(model_dir=tiny_checkpoint, max_batch_size=1))
+    engine.prepare = flaky(engine.prepare, RuntimeError("boom: a bug, not a bad request"))
+    engine.sgp.decode_batch = flaky(engine.sgp.decode_batch, RuntimeError("kaboom in a decode step"))
+
+    async def scenario():
+        config = ServerConfig(host="127.0.0.1", port=0, max_queue=0)
         service = CascadeService(config)
-        service.engine = FlakyEngine()
+        service.engine = engine
         server, port = build_server(config, service, health.aio.HealthServicer())
         await server.start()
+        errors = []
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 stub = cascade_pb2_grpc.CascadeStub(channel)
-                try:
-                    await stub.Answer(valid_message(tiling, request_id="buggy"), timeout=30)
-                    raise AssertionError("the first call should fail")
-                except grpc.aio.AioRpcError as err:
-                    error = err
+                for request_id in ("buggy", "step"):
+                    try:
+                        await stub.Answer(valid_message(tiling, request_id=request_id), timeout=30)
+                        raise AssertionError("the call should fail")
+                    except grpc.aio.AioRpcError as err:
+                        errors.append(err)
                 reply = await stub.Answer(valid_message(tiling, request_id="fine"), timeout=30)
         finally:
             await server.stop(None)
             service.close()
-        return error, reply
+        return errors, reply
 
     with caplog.at_level("INFO", logger="stitchvlm.cloud.server"):
-        error, reply = asyncio.run(scenario())
+        (error, step_error), reply = asyncio.run(scenario())
     assert error.code() == grpc.StatusCode.INTERNAL
     assert error.details() == "internal error (request id buggy)"
     assert "boom" not in error.details()
     assert any("boom" in str(r.exc_info[1]) for r in caplog.records if r.exc_info)
-    assert (reply.request_id, reply.text, reply.kept_visual_tokens) == ("fine", "ok", 12)
+    assert step_error.code() == grpc.StatusCode.INTERNAL
+    assert step_error.details() == "decode step failed"
+    assert reply.request_id == "fine" and 1 <= len(reply.token_ids) <= 2
     assert reply.timings.total_ms > 0  # the servicer fills what the engine does not
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17stitch/v1/cascade.proto\x12\tstitch.v1\"\x85\x01\n\x06Layout\x12\x11\n\ttile_size\x18\x01 \x01(\r\x12\x14\n\x0cgrid_columns\x18\x02 \x01(\r\x12\x11\n\tgrid_rows\x18\x03 \x01(\r\x12\x11\n\tthumbnail\x18\x04 \x01(\x08\x12\x17\n\x0ftokens_per_tile\x18\x05 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x06 \x01(\x06\"\xbb\x01\n\nKeptTokens\x12\x30\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x1e.stitch.v1.KeptTokens.Encoding\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12\x0f\n\x07indices\x18\x04 \x03(\r\"M\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\n\n\x06\x42ITMAP\x10\x01\x12\x10\n\x0c\x44\x45LTA_VARINT\x10\x02\x12\t\n\x05PLAIN\x10\x03\"*\n\x10GenerationParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\"\x91\x02\n\rAnswerRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05image\x18\x03 \x01(\x0c\x12\x17\n\x0fimage_mime_type\x18\x04 \x01(\t\x12\x0e\n\x06prompt\x18\x05 \x01(\t\x12\x19\n\x11num_visual_tokens\x18\x06 \x01(\r\x12\x11\n\tretention\x18\x07 \x01(\x01\x12#\n\x04kept\x18\x08 \x01(\x0b\x32\x15.stitch.v1.KeptTokens\x12!\n\x06layout\x18\t \x01(\x0b\x32\x11.stitch.v1.Layout\x12/\n\ngeneration\x18\n \x01(\x0b\x32\x1b.stitch.v1.GenerationParams\"g\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x11\n\tvision_ms\x18\x02 \x01(\x01\x12\x12\n\nprefill_ms\x18\x03 \x01(\x01\x12\x11\n\tdecode_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\"\xf7\x01\n\x0b\x41nswerReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x1c\n\x14pruned_prompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11num_visual_tokens\x18\x07 \x01(\r\x12\x1a\n\x12kept_visual_tokens\x18\x08 \x01(\r\x12\x13\n\x0bprune_layer\x18\t \x01(\r\x12#\n\x07timings\x18\n \x01(\x0b\x32\x12.stitch.v1.Timings2E\n\x07\x43\x61scade\x12:\n\x06\x41nswer\x12\x18.stitch.v1.AnswerRequest\x1a\x16.stitch.v1.AnswerReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17stitch/v1/cascade.proto\x12\tstitch.v1\"\x85\x01\n\x06Layout\x12\x11\n\ttile_size\x18\x01 \x01(\r\x12\x14\n\x0cgrid_columns\x18\x02 \x01(\r\x12\x11\n\tgrid_rows\x18\x03 \x01(\r\x12\x11\n\tthumbnail\x18\x04 \x01(\x08\x12\x17\n\x0ftokens_per_tile\x18\x05 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x06 \x01(\x06\"\xbb\x01\n\nKeptTokens\x12\x30\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x1e.stitch.v1.KeptTokens.Encoding\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12\x0f\n\x07indices\x18\x04 \x03(\r\"M\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\n\n\x06\x42ITMAP\x10\x01\x12\x10\n\x0c\x44\x45LTA_VARINT\x10\x02\x12\t\n\x05PLAIN\x10\x03\"\x87\x01\n\x10GenerationParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\tB\x07\n\x05_seed\"\x91\x02\n\rAnswerRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05image\x18\x03 \x01(\x0c\x12\x17\n\x0fimage_mime_type\x18\x04 \x01(\t\x12\x0e\n\x06prompt\x18\x05 \x01(\t\x12\x19\n\x11num_visual_tokens\x18\x06 \x01(\r\x12\x11\n\tretention\x18\x07 \x01(\x01\x12#\n\x04kept\x18\x08 \x01(\x0b\x32\x15.stitch.v1.KeptTokens\x12!\n\x06layout\x18\t \x01(\x0b\x32\x11.stitch.v1.Layout\x12/\n\ngeneration\x18\n \x01(\x0b\x32\x1b.stitch.v1.GenerationParams\"\x7f\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x11\n\tvision_ms\x18\x02 \x01(\x01\x12\x12\n\nprefill_ms\x18\x03 \x01(\x01\x12\x11\n\tdecode_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\x12\x16\n\x0e\x66irst_token_ms\x18\x06 \x01(\x01\"\x8e\x02\n\x0b\x41nswerReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x1c\n\x14pruned_prompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11num_visual_tokens\x18\x07 \x01(\r\x12\x1a\n\x12kept_visual_tokens\x18\x08 \x01(\r\x12\x13\n\x0bprune_layer\x18\t \x01(\r\x12#\n\x07timings\x18\n \x01(\x0b\x32\x12.stitch.v1.Timings\x12\x15\n\rfinish_reason\x18\x0b \x01(\t\"e\n\x0b\x41nswerChunk\x12%\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x14.stitch.v1.TextDeltaH\x00\x12\'\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x16.stitch.v1.AnswerReplyH\x00\x42\x06\n\x04kind\",\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"\x12\n\x10ModelInfoRequest\"\xb4\x02\n\tModelInfo\x12\x0e\n\x06models\x18\x01 \x03(\t\x12!\n\x06tiling\x18\x02 \x01(\x0b\x32\x11.stitch.v1.Tiling\x12\x13\n\x0bprune_layer\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x18\n\x10max_image_pixels\x18\x06 \x01(\x04\x12\x19\n\x11max_message_bytes\x18\x07 \x01(\x04\x12\x13\n\x0bmax_context\x18\x08 \x01(\r\x12\x37\n\x0findex_encodings\x18\t \x03(\x0e\x32\x1e.stitch.v1.KeptTokens.Encoding\x12\x18\n\x10image_mime_types\x18\n \x03(\t\x12\x16\n\x0emax_batch_size\x18\x0b \x01(\r\"\x94\x01\n\x06Tiling\x12\x11\n\ttile_size\x18\x01 \x01(\r\x12\x11\n\tmin_tiles\x18\x02 \x01(\r\x12\x11\n\tmax_tiles\x18\x03 \x01(\r\x12\x11\n\tthumbnail\x18\x04 \x01(\x08\x12\x17\n\x0ftokens_per_tile\x18\x05 \x01(\r\x12\x12\n\nimage_mean\x18\x06 \x03(\x01\x12\x11\n\timage_std\x18\x07 \x03(\x01\x32\xcc\x01\n\x07\x43\x61scade\x12:\n\x06\x41nswer\x12\x18.stitch.v1.AnswerRequest\x1a\x16.stitch.v1.AnswerReply\x12\x42\n\x0c\x41nswerStream\x12\x18.stitch.v1.AnswerRequest\x1a\x16.stitch.v1.AnswerChunk0\x01\x12\x41\n\x0cGetModelInfo\x12\x1b.stitch.v1.ModelInfoRequest\x1a\x14.stitch.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,14 +37,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KEPTTOKENS']._serialized_end=362
   _globals['_KEPTTOKENS_ENCODING']._serialized_start=285
   _globals['_KEPTTOKENS_ENCODING']._serialized_end=362
-  _globals['_GENERATIONPARAMS']._serialized_start=364
-  _globals['_GENERATIONPARAMS']._serialized_end=406
-  _globals['_ANSWERREQUEST']._serialized_start=409
-  _globals['_ANSWERREQUEST']._serialized_end=682
-  _globals['_TIMINGS']._serialized_start=684
-  _globals['_TIMINGS']._serialized_end=787
-  _globals['_ANSWERREPLY']._serialized_start=790
-  _globals['_ANSWERREPLY']._serialized_end=1037
-  _globals['_CASCADE']._serialized_start=1039
-  _globals['_CASCADE']._serialized_end=1108
+  _globals['_GENERATIONPARAMS']._serialized_start=365
+  _globals['_GENERATIONPARAMS']._serialized_end=500
+  _globals['_ANSWERREQUEST']._serialized_start=503
+  _globals['_ANSWERREQUEST']._serialized_end=776
+  _globals['_TIMINGS']._serialized_start=778
+  _globals['_TIMINGS']._serialized_end=905
+  _globals['_ANSWERREPLY']._serialized_start=908
+  _globals['_ANSWERREPLY']._serialized_end=1178
+  _globals['_ANSWERCHUNK']._serialized_start=1180
+  _globals['_ANSWERCHUNK']._serialized_end=1281
+  _globals['_TEXTDELTA']._serialized_start=1283
+  _globals['_TEXTDELTA']._serialized_end=1327
+  _globals['_MODELINFOREQUEST']._serialized_start=1329
+  _globals['_MODELINFOREQUEST']._serialized_end=1347
+  _globals['_MODELINFO']._serialized_start=1350
+  _globals['_MODELINFO']._serialized_end=1658
+  _globals['_TILING']._serialized_start=1661
+  _globals['_TILING']._serialized_end=1809
+  _globals['_CASCADE']._serialized_start=1812
+  _globals['_CASCADE']._serialized_end=2016
 # @@protoc_insertion_point(module_scope)

@@ -39,6 +39,16 @@ class CascadeStub:
                 request_serializer=stitch_dot_v1_dot_cascade__pb2.AnswerRequest.SerializeToString,
                 response_deserializer=stitch_dot_v1_dot_cascade__pb2.AnswerReply.FromString,
                 _registered_method=True)
+        self.AnswerStream = channel.unary_stream(
+                '/stitch.v1.Cascade/AnswerStream',
+                request_serializer=stitch_dot_v1_dot_cascade__pb2.AnswerRequest.SerializeToString,
+                response_deserializer=stitch_dot_v1_dot_cascade__pb2.AnswerChunk.FromString,
+                _registered_method=True)
+        self.GetModelInfo = channel.unary_unary(
+                '/stitch.v1.Cascade/GetModelInfo',
+                request_serializer=stitch_dot_v1_dot_cascade__pb2.ModelInfoRequest.SerializeToString,
+                response_deserializer=stitch_dot_v1_dot_cascade__pb2.ModelInfo.FromString,
+                _registered_method=True)
 
 
 class CascadeServicer:
@@ -51,6 +61,21 @@ class CascadeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AnswerStream(self, request, context):
+        """The same, streamed: text deltas with their token ids as they are generated, then one
+        final chunk holding the whole AnswerReply (text, ids, counts, timings).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetModelInfo(self, request, context):
+        """What a client must know to build a request: served models, tiling, limits, encodings.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CascadeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -58,6 +83,16 @@ def add_CascadeServicer_to_server(servicer, server):
                     servicer.Answer,
                     request_deserializer=stitch_dot_v1_dot_cascade__pb2.AnswerRequest.FromString,
                     response_serializer=stitch_dot_v1_dot_cascade__pb2.AnswerReply.SerializeToString,
+            ),
+            'AnswerStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.AnswerStream,
+                    request_deserializer=stitch_dot_v1_dot_cascade__pb2.AnswerRequest.FromString,
+                    response_serializer=stitch_dot_v1_dot_cascade__pb2.AnswerChunk.SerializeToString,
+            ),
+            'GetModelInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModelInfo,
+                    request_deserializer=stitch_dot_v1_dot_cascade__pb2.ModelInfoRequest.FromString,
+                    response_serializer=stitch_dot_v1_dot_cascade__pb2.ModelInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -87,6 +122,60 @@ class Cascade:
             '/stitch.v1.Cascade/Answer',
             stitch_dot_v1_dot_cascade__pb2.AnswerRequest.SerializeToString,
             stitch_dot_v1_dot_cascade__pb2.AnswerReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AnswerStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/stitch.v1.Cascade/AnswerStream',
+            stitch_dot_v1_dot_cascade__pb2.AnswerRequest.SerializeToString,
+            stitch_dot_v1_dot_cascade__pb2.AnswerChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModelInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stitch.v1.Cascade/GetModelInfo',
+            stitch_dot_v1_dot_cascade__pb2.ModelInfoRequest.SerializeToString,
+            stitch_dot_v1_dot_cascade__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,
