@@ -1,5 +1,7 @@
 """The edge against a real ``stitch-cloud serve`` subprocess, and the gRPC client's failure modes.
 
+Streaming (``Cascade.stream``, ``AsyncCascade.stream``, ``stitch-edge ask --stream``) is at the end.
+
 One server (tiny large checkpoint, bearer-token auth) serves the module. The
 cloud's answers are checked against ``CloudEngine.answer`` in this process on
 the same request; "the cloud was not called" against the server's request
@@ -30,9 +32,9 @@ from servers import cloud_request, running_cloud, tiling_of  # noqa: E402
 
 from stitchvlm.cloud.engine import CloudEngine, EngineConfig  # noqa: E402
 from stitchvlm.edge.cli import main as edge_main  # noqa: E402
-from stitchvlm.edge.cloud_client import CloudError, GrpcCloudClient  # noqa: E402
+from stitchvlm.edge.cloud_client import CloudChunk, CloudClient, CloudError, GrpcCloudClient  # noqa: E402
 from stitchvlm.edge.runtime import CPU, EdgeModel  # noqa: E402
-from stitchvlm.edge.sdk import Cascade  # noqa: E402
+from stitchvlm.edge.sdk import AsyncCascade, Cascade  # noqa: E402
 from stitchvlm.shared.pb import cascade_pb2, cascade_pb2_grpc  # noqa: E402
 from stitchvlm.shared.preprocess import compute_layout  # noqa: E402
 from stitchvlm.shared.scoring import keep_count, top_r_indices  # noqa: E402
@@ -339,3 +341,106 @@ def test_cli_auth_token_file_missing_or_empty_exits_2(edge_dir, image, tmp_path,
                    "--auth-token-file", str(token_file)])  # fmt: skip
     assert info.value.code == 2
     assert f"--auth-token-file {token_file}: {words}" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- streaming
+# Streamed chunks must concatenate to what ``ask`` answers (the cloud's text, checked against
+# ``CloudEngine.answer``); an edge answer comes as one chunk; a cloud failing before its first
+# chunk degrades to the edge's answer, one failing after raises.
+
+
+def test_stream_concatenates_to_the_cloud_answer(server, edge, engine, image):
+    """tau > 1: cloud chunks arrive one per token and join into the engine's answer; the last
+    chunk's Result is what ``ask`` returns. Guards against lost or repeated deltas in the SDK."""
+    with GrpcCloudClient(server.address, auth_token=TOKEN) as client:
+        sdk = cascade(edge, client, tau=1.01)
+        chunks = list(sdk.stream(image, QUESTION))
+        asked = sdk.ask(image, QUESTION)
+    result = chunks[-1].result
+    reference = engine.answer(build_request(engine.files.tiling, image, result.visual_scores))
+    assert all(c.route == "cloud" for c in chunks) and all(c.result is None for c in chunks[:-1])
+    assert "".join(c.text for c in chunks) == reference.text == result.answer == asked.answer
+    assert tuple(i for c in chunks for i in c.token_ids) == reference.token_ids
+    assert len(chunks) - 1 == len(reference.token_ids)
+    assert (result.route, result.degraded) == ("cloud", False)
+
+
+def test_async_stream_and_edge_answer_in_one_chunk(server, edge, image):
+    """AsyncCascade.stream gives the same chunks; tau = 0 gives the edge's answer as one chunk."""
+
+    async def collect(tau):
+        async with AsyncCascade(
+            edge,
+            GrpcCloudClient(server.address, auth_token=TOKEN),
+            tau=tau,
+            retention=0.25,
+            max_new_tokens=MAX_NEW_TOKENS,
+        ) as sdk:
+            return [c async for c in sdk.stream(image, QUESTION)]
+
+    with GrpcCloudClient(server.address, auth_token=TOKEN) as client:
+        sync = list(cascade(edge, client, tau=1.01).stream(image, QUESTION))
+    streamed = asyncio.run(collect(1.01))
+    assert [(c.text, c.token_ids) for c in streamed] == [(c.text, c.token_ids) for c in sync]
+    [local] = asyncio.run(collect(0.0))
+    assert local.route == "edge" and local.result.route == "edge"
+    assert local.text == local.result.edge_answer and local.token_ids == local.result.edge_token_ids
+
+
+class FailsAfterOneChunk(CloudClient):
+    """A cloud that streams one delta and then drops the connection."""
+
+    def answer(self, request, timeout_s):
+        raise AssertionError("stream only")
+
+    def _stream(self, request, timeout_s, cancellation):
+        yield CloudChunk("par", (1,))
+        raise CloudError(grpc.StatusCode.UNAVAILABLE, "connection reset")
+
+
+def test_failures_degrade_before_the_first_chunk_and_raise_after(edge, image):
+    """A dead cloud: one edge chunk, degraded. A cloud dying mid-answer: CloudError, since part of
+    its text was already shown. Guards against the edge's answer glued onto half a cloud answer."""
+    with GrpcCloudClient(f"127.0.0.1:{free_port()}", max_retries=0) as dead:
+        [chunk] = list(cascade(edge, dead, tau=1.01).stream(image, QUESTION))
+    assert chunk.route == "edge" and chunk.result.degraded and "UNAVAILABLE" in chunk.result.error
+    sdk = cascade(edge, FailsAfterOneChunk(), tau=1.01)
+    seen = []
+    with pytest.raises(CloudError):
+        for piece in sdk.stream(image, QUESTION):
+            seen.append(piece.text)
+    assert seen == ["par"]
+    assert (sdk.stats().failed, sdk.stats().degraded) == (1, 0)
+
+
+def test_cli_stream_prints_the_answer(server, edge_dir, image, tmp_path, capsys):
+    """``stitch-edge ask --stream`` prints the streamed text, then the summary naming the same answer."""
+    path = tmp_path / "q.png"
+    image.save(path)
+    code = edge_main(
+        [
+            "ask",
+            "--model",
+            str(edge_dir),
+            "--image",
+            str(path),
+            "--prompt",
+            QUESTION,
+            "--cloud",
+            server.address,
+            "--auth-token",
+            TOKEN,
+            "--tau",
+            "1.01",
+            "--max-new-tokens",
+            str(MAX_NEW_TOKENS),
+            "--retention",
+            "0.25",
+            "--cpu",
+            "--stream",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    streamed, summary = out.split("\n", 1)
+    assert summary.startswith(f"answer: {streamed}\n") and "route: cloud" in summary
