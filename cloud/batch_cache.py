@@ -11,9 +11,13 @@ that hide the padding (and stale values of rows that left) from SDPA or eager
 attention. Rows are packed at ``0..rows-1``: a row that leaves is replaced by
 the last one (one row copied, never the whole batch).
 
+Memory: each layer's buffers grow (rows doubling up to ``max_rows``,
+positions by at least half again, never past ``max_length``) and stay until
+the batch empties, so keys and values never take more than
+``2 * layers * max_rows * kv_heads * max_length * head_dim`` elements.
+
 What it does not do: decide which sequences run (``scheduler``), compute
-anything (``sgp``), or page memory: each layer's capacity grows to the longest
-row it holds and stays there until ``release_memory``.
+anything (``sgp``), or page memory.
 """
 
 from __future__ import annotations
@@ -30,9 +34,10 @@ class RowKVLayer(CacheLayerMixin):
 
     is_sliding = False
 
-    def __init__(self, max_rows: int = 1) -> None:
+    def __init__(self, max_rows: int = 1, max_length: int | None = None) -> None:
         super().__init__()
         self.max_rows = max_rows  # rows the buffers may grow to (the batch size limit)
+        self.max_length = max_length  # positions they may grow to (the model's context); None = unbounded
         self.lengths: list[int] = []  # valid positions per row, rows 0..len-1
         self._positions: torch.Tensor | None = None  # [rows] write positions of the current decode step
 
@@ -61,6 +66,8 @@ class RowKVLayer(CacheLayerMixin):
         # rows double (up to max_rows) so that joining requests rarely reallocate
         new_rows = have_rows if rows <= have_rows else max(rows, min(self.max_rows, 2 * have_rows))
         new_len = have_len if length <= have_len else max(length, have_len + max(MIN_GROWTH, have_len // 2))
+        if self.max_length is not None:
+            new_len = max(length, min(new_len, self.max_length))
         shape = (new_rows, self.keys.shape[1], new_len, self.keys.shape[3])
         keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
         values = torch.zeros_like(keys)
@@ -137,8 +144,8 @@ class RowKVLayer(CacheLayerMixin):
 class RowKVCache(Cache):
     """The per-row, per-layer KV cache of one running batch (see the module docstring)."""
 
-    def __init__(self, num_layers: int, max_rows: int = 1) -> None:
-        super().__init__(layers=[RowKVLayer(max_rows) for _ in range(num_layers)])
+    def __init__(self, num_layers: int, max_rows: int = 1, max_length: int | None = None) -> None:
+        super().__init__(layers=[RowKVLayer(max_rows, max_length) for _ in range(num_layers)])
 
     @property
     def rows(self) -> int:

@@ -131,7 +131,7 @@ class BatchScheduler:
         self.model = model
         self.config = config
         self.observer = observer
-        self._cache = RowKVCache(model.num_layers, config.max_batch_size)
+        self._cache = self._new_cache()
         self._running: list[_Running] = []  # row i of the cache
         self._waiting: collections.deque[SequenceInput] = collections.deque()
         self._cond = threading.Condition()
@@ -139,6 +139,9 @@ class BatchScheduler:
         self._thread: threading.Thread | None = None
         self._exit = False
         self._abort: RequestError | None = None  # set by abort_running, acted on at the next step
+
+    def _new_cache(self) -> RowKVCache:
+        return RowKVCache(self.model.num_layers, self.config.max_batch_size, self.model.max_context)
 
     # ------------------------------------------------------------------ submitting
 
@@ -360,4 +363,4 @@ class BatchScheduler:
             self._remove_row(row)
             seq.sink.failed(error)
         if not self._running:
-            self._cache = RowKVCache(self.model.num_layers, self.config.max_batch_size)
+            self._cache = self._new_cache()

@@ -91,6 +91,7 @@ class SGPModel:
         self.text_config = model.config.text_config
         self.language_model = model.model.language_model
         self.num_layers = self.text_config.num_hidden_layers
+        self.max_context = self.text_config.max_position_embeddings  # positions a sequence may reach
         self.prune_layer = resolve_prune_layer(prune_layer, self.num_layers)
         self.image_token_id = model.config.image_token_id
         # SDPA without a mask takes its causal fast path (flash / efficient kernels);

@@ -255,11 +255,19 @@ def stop_server(proc: subprocess.Popen, timeout_s: float = 30.0) -> int:
 
 @contextmanager
 def running_cloud_server(
-    large_dir: Path, prune_layer: str, log: Path, device: str = "cpu", startup_timeout_s: float = 300.0
+    large_dir: Path,
+    prune_layer: str,
+    log: Path,
+    device: str = "cpu",
+    startup_timeout_s: float = 300.0,
+    extra_args: Sequence[str] = (),
 ) -> Iterator[CloudServer]:
-    """``stitch-cloud serve`` on a free loopback port, SERVING inside the block, stopped after it."""
+    """``stitch-cloud serve`` on a free loopback port, SERVING inside the block, stopped after it.
+
+    ``extra_args`` go last on the ``serve`` command line (e.g. ``--max-batch-size 1``)."""
     command = [sys.executable, "-m", "stitchvlm.cloud.cli", "serve", "--model", str(large_dir)]
     command += ["--host", "127.0.0.1", "--port", "0", "--prune-layer", str(prune_layer), "--device", device]
+    command += list(extra_args)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as sink:
