@@ -201,34 +201,47 @@ def attention_block(g: GraphBuilder, attn, x: str, layer: int, past_key: str, pa
 
 
 def score_rows(g: GraphBuilder, query: str, present_key: str, layer: int, shared: dict) -> str:
-    """This layer's attention probabilities of the scoring rows, summed over heads.
+    """This layer's attention probabilities of the scoring rows, summed over kv heads.
 
-    query [B, S, H*hd] (after RoPE), present_key [B, KV, capacity, hd] -> [B, R, total] float32,
-    R = the rows from the first scored query on (``shared["first_row"]``).
+    query [B, S, H*hd] (after RoPE), present_key [B, KV, capacity, hd] -> [B, G*R, total]
+    float32 (row g*R + r: query head kv*G + g of scoring row r; ``score_total`` sums the groups),
+    R = the rows from the first scored query on (``shared["first_row_1d"]``).
     """
     prefix = f"layers.{layer}.score"
     kv_heads, groups, head_dim = shared["kv_heads"], shared["heads"] // shared["kv_heads"], shared["head_dim"]
     rows = g.op(
         "Slice", [query, shared["first_row_1d"], shared["int64_max_1d"], shared["axis_1"]], f"{prefix}.q_rows"
     )
-    # [B, R, H*hd] -> [B, R, KV, G, hd] -> [B, KV, G, R, hd]: query head h reads kv head h // G (repeat_kv)
+    # [B, R, H*hd] -> [B, R, KV, G, hd] -> [B, KV, G, R, hd] -> [B, KV, G*R, hd]: query head h
+    # reads kv head h // G (repeat_kv), and one GEMM per kv head reads its keys once for all G heads
     shape = g.const(f"{prefix}.q_shape", [0, 0, kv_heads, groups, head_dim], np.int64)
     rows = g.op("Reshape", [rows, shape], f"{prefix}.q_heads")
     rows = g.op("Transpose", [rows], f"{prefix}.q_bnsh", perm=[0, 2, 3, 1, 4])
+    rows = g.op("Reshape", [rows, shared["grouped_rows_shape"]], f"{prefix}.q_grouped", allowzero=1)
     keys = g.op(
         "Slice", [present_key, shared["zero_1d"], shared["total_1d"], shared["axis_2"]], f"{prefix}.keys"
-    )
+    )  # [B, KV, T, hd]
     if g.dtype != np.float32:
         rows = g.op("Cast", [rows], f"{prefix}.q_float", to=TensorProto.FLOAT)
         keys = g.op("Cast", [keys], f"{prefix}.k_float", to=TensorProto.FLOAT)
-    keys = g.op("Unsqueeze", [keys, shared["axis_2"]], f"{prefix}.k_groups")  # [B, KV, 1, T, hd]
     # q K^T * scaling in one GEMM that reads K transposed in place (no Transpose copy, no Mul)
     logits = g.op(
         "FusedMatMul", [rows, keys], f"{prefix}.qk", domain=MS_DOMAIN, alpha=shared["scaling"], transB=1
-    )  # [B, KV, G, R, T]
+    )  # [B, KV, G*R, T]
     logits = g.op("Add", [logits, shared["score_bias"]], f"{prefix}.masked")
     probs = g.op("Softmax", [logits], f"{prefix}.probs", axis=-1)
-    return g.op("ReduceSum", [probs, shared["axes_heads"]], f"{prefix}.head_sum", keepdims=0)  # [B, R, T]
+    return g.op("ReduceSum", [probs, shared["axis_1"]], f"{prefix}.kv_head_sum", keepdims=0)  # [B, G*R, T]
+
+
+def score_total(g: GraphBuilder, layer_sums: list[str], shared: dict) -> str:
+    """visual_scores [B, T]: the layers' [B, G*R, T] sums, summed over groups, weighted by row."""
+    summed = layer_sums[0] if len(layer_sums) == 1 else g.op("Sum", layer_sums, "score.layer_sum")
+    summed = g.op(
+        "Reshape", [summed, shared["groups_rows_total_shape"]], "score.by_group", allowzero=1
+    )  # [B, G, R, T]
+    summed = g.op("ReduceSum", [summed, shared["axis_1"]], "score.head_sum", keepdims=0)  # [B, R, T]
+    weighted = g.op("MatMul", [shared["row_weights"], summed], "score.weighted")  # [B, 1, T]
+    return g.op("Squeeze", [weighted, shared["axis_1"]], "score.visual_scores")
 
 
 def mlp_block(g: GraphBuilder, mlp, x: str, layer: int) -> str:
@@ -298,10 +311,35 @@ def score_prelude(g: GraphBuilder, io: GraphIO, shared: dict) -> None:
     real = g.op("Unsqueeze", [real, g.const("score.axes_123", [1, 2, 3], np.int64)], "score.real_keys_5d")
     allowed = g.op("And", [causal, real], "score.allowed")  # [B, 1, 1, R, T]
     blocked = g.const("score.blocked", np.finfo(np.float32).min, np.float32)
-    shared["score_bias"] = g.op(
-        "Where", [allowed, g.const("score.open", 0.0, np.float32), blocked], "score.bias"
+    bias = g.op("Where", [allowed, g.const("score.open", 0.0, np.float32), blocked], "score.bias")
+    # Shapes of the grouped rows (g*R + r): [B, KV, G*R, hd] queries, [B, 1, G*R, T] mask; their
+    # Reshapes take allowzero=1, as R is 0 in a pass that scores nothing.
+    groups = shared["heads"] // shared["kv_heads"]
+    batch = g.op(
+        "Gather", [g.op("Shape", [io.score_query_mask], "score.mask_shape"), shared["zero"]], "score.batch"
     )
-    shared["axes_heads"] = g.const("score.axes_heads", [1, 2], np.int64)
+    rows = g.op("Sub", [seq, first], "score.rows")
+
+    def shape(name: str, *dims) -> str:
+        parts = [
+            g.op("Unsqueeze", [d, shared["axis_0"]], f"{name}.{i}") if isinstance(d, str)
+            else g.const(f"{name}.{i}", [d], np.int64)
+            for i, d in enumerate(dims)
+        ]  # fmt: skip
+        return g.op("Concat", parts, name, axis=0)
+
+    grouped = g.op("Mul", [rows, g.const("score.groups", groups, np.int64)], "score.grouped_rows")
+    shared["grouped_rows_shape"] = shape(
+        "score.q_shape", batch, shared["kv_heads"], grouped, shared["head_dim"]
+    )
+    shared["groups_rows_total_shape"] = shape("score.sum_shape", batch, groups, rows, total)
+    bias = g.op("Expand", [bias, shape("score.bias_groups", batch, 1, groups, rows, total)], "score.bias_g")
+    shared["score_bias"] = g.op(
+        "Reshape",
+        [bias, shape("score.bias_shape", batch, 1, grouped, total)],
+        "score.grouped_bias",
+        allowzero=1,
+    )  # [B, 1, G*R, T]
 
 
 def build_lean_decoder(
@@ -385,11 +423,7 @@ def build_lean_decoder(
         logits = g.op("Cast", [logits], "logits_float", to=TensorProto.FLOAT)
     outputs_map = {io.logits: logits}
     if with_scores:
-        summed = (
-            head_sums[0] if len(head_sums) == 1 else g.op("Sum", head_sums, "score.layer_sum")
-        )  # [B, R, T]
-        weighted = g.op("MatMul", [shared["row_weights"], summed], "score.weighted")  # [B, 1, T]
-        outputs_map[io.visual_scores] = g.op("Squeeze", [weighted, shared["axis_1"]], "score.visual_scores")
+        outputs_map[io.visual_scores] = score_total(g, head_sums, shared)
     outputs_map |= dict(zip(io.present_names(len(layers)), presents, strict=True))
     return _assemble(g, io, len(layers), kv_heads, head_dim, config, with_scores, outputs_map)
 
