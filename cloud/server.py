@@ -141,7 +141,7 @@ class _Unparseable:
     def __init__(self, data: bytes) -> None:
         self.size = len(data)
 
-    def ByteSize(self) -> int:  # noqa: N802 - the protobuf name the servicer calls
+    def ByteSize(self) -> int:  # the protobuf name the servicer calls
         return self.size
 
 
@@ -225,7 +225,7 @@ class CascadeService:
 
     # ------------------------------------------------------------------ RPCs
 
-    async def Answer(self, message, context: grpc.aio.ServicerContext) -> cascade_pb2.AnswerReply:  # noqa: N802
+    async def Answer(self, message, context: grpc.aio.ServicerContext) -> cascade_pb2.AnswerReply:
         reply: cascade_pb2.AnswerReply | None = None
         async for chunk in self._serve(message, context, stream=False):
             reply = chunk.final
@@ -233,11 +233,11 @@ class CascadeService:
 
     async def AnswerStream(
         self, message, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[cascade_pb2.AnswerChunk]:  # noqa: N802
+    ) -> AsyncIterator[cascade_pb2.AnswerChunk]:
         async for chunk in self._serve(message, context, stream=True):
             yield chunk
 
-    async def GetModelInfo(self, _request, context: grpc.aio.ServicerContext) -> cascade_pb2.ModelInfo:  # noqa: N802
+    async def GetModelInfo(self, _request, context: grpc.aio.ServicerContext) -> cascade_pb2.ModelInfo:
         engine = self.engine
         if engine is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "model loading; retry when health is SERVING")

@@ -18,6 +18,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import pytest
@@ -244,3 +245,31 @@ def test_sigterm_stops_running_generations_after_the_grace_period(endless_checkp
     log = server.log_text()
     assert "shutdown grace over: stopping 2 running generations" in log
     assert "CancelledError" not in log and "Traceback" not in log
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_decoded_images_are_bounded_per_request_and_in_total(cloud, stub, tiling):
+    """A 40-Mpx PNG of a few KB is refused by the default 16-Mpx limit before its pixels are decoded,
+    and 12 concurrent 15-Mpx requests (a full batch and queue, decoded two at a time) grow the server by well under 1 GB
+    (was: a 40-Mpx default, and RSS 0.41 -> 3.6 GB over 40 such requests)."""
+    from PIL import Image
+
+    bomb = Image.new("RGB", (8000, 5000), (200, 30, 30))
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Answer(wire.request_to_proto(cloud_request(tiling, bomb, max_new_tokens=2)), timeout=60)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "40000000 pixels > 16000000" in caught.value.details()
+    big = cloud_request(tiling, Image.new("RGB", (5000, 3000), (30, 200, 30)), max_new_tokens=2)
+    message = wire.request_to_proto(big)
+    before = rss_bytes(cloud.proc.pid)
+    with ThreadPoolExecutor(12) as pool:
+        replies = list(pool.map(lambda _: stub.Answer(message, timeout=120), range(12)))
+    assert all(len(r.token_ids) == 2 for r in replies)
+    grown = rss_bytes(cloud.proc.pid) - before
+    assert grown < 700 * 2**20, f"server RSS grew by {grown / 2**20:.0f} MiB"
