@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..shared.token_file import read_token_file
-from .engine import DTYPES, EngineConfig
+from .engine import DEVICE_MAPS, DTYPES, EngineConfig, device_map_available
 from .lifecycle import serve
 from .server import ServerConfig
 
@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--prune-layer", type=prune_layer, default=2, help="K: layer index (2) or fraction of depth (0.1)"
     )
     model.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    model.add_argument(
+        "--device-map",
+        choices=DEVICE_MAPS,
+        default=None,
+        help="spread the model over this machine's GPUs with accelerate (auto); replaces --device",
+    )
     model.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     model.add_argument(
         "--max-new-tokens", type=positive_int, default=256, help="largest budget a request may ask"
@@ -125,6 +131,11 @@ def configs_from_args(
     for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
         if path is not None and not path.is_file():
             parser.error(f"{flag} {path}: no such file")
+    if args.device_map is not None:
+        if not device_map_available():
+            parser.error("--device-map needs accelerate, which is not installed (pip install accelerate)")
+        if args.device != "cpu":
+            parser.error("--device-map places the model itself; drop --device")
     if args.max_message_mb <= 0:
         parser.error("--max-message-mb must be > 0")
     if args.max_image_mpx <= 0:
@@ -156,6 +167,7 @@ def _configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
         model_dir=args.model,
         prune_layer=args.prune_layer,
         device=args.device,
+        device_map=args.device_map,
         dtype=args.dtype,
         max_new_tokens_limit=args.max_new_tokens,
         max_image_pixels=int(args.max_image_mpx * 1e6),

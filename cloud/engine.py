@@ -16,6 +16,7 @@ no wire messages.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import threading
 import time
@@ -43,6 +44,14 @@ from .text import StopRule
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# accelerate's placements for ``from_pretrained(device_map=...)``: the model's layers spread over the
+# machine's GPUs (CPU and disk after them when they do not fit).
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def device_map_available() -> bool:
+    """``from_pretrained(device_map=...)`` needs accelerate, which the cloud does not require."""
+    return importlib.util.find_spec("accelerate") is not None
 
 
 @dataclass(frozen=True)
@@ -59,11 +68,18 @@ class EngineConfig:
     model_id: str = ""  # id requests may name; defaults to the directory name
     max_batch_size: int = 8  # sequences decoded together in one forward pass
     max_batch_tokens: int = 8192  # prompt tokens prefilled per scheduler step
+    # None: the whole model on ``device``; "auto" etc. (DEVICE_MAPS): accelerate spreads the layers over
+    # the GPUs of this machine and ``device`` is not used (inputs go to the first layer's device)
+    device_map: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", Path(self.model_dir))
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.device_map is not None and self.device_map not in DEVICE_MAPS:
+            raise ValueError(
+                f"device_map must be one of {list(DEVICE_MAPS)} or None, got {self.device_map!r}"
+            )
         if self.max_new_tokens_limit < 1:
             raise ValueError("max_new_tokens_limit must be >= 1")
         if self.max_image_pixels < 1:
@@ -112,15 +128,21 @@ class CloudEngine:
         """Load tokenizer, tiling and weights from ``config.model_dir`` (no hub access).
 
         Raises ``ValueError`` before touching the weights when the checkpoint's
-        chat template cannot place the image (``check_chat_template``).
+        chat template cannot place the image (``check_chat_template``). With
+        ``config.device_map`` accelerate places the layers (``device`` unused).
         """
         from ..shared.prompt import check_chat_template
 
         files = ModelFiles.load(config.model_dir)
         check_chat_template(files)
-        model = InternVLForConditionalGeneration.from_pretrained(
-            config.model_dir, dtype=DTYPES[config.dtype], attn_implementation="sdpa", local_files_only=True
-        ).to(config.device)
+        options = {"dtype": DTYPES[config.dtype], "attn_implementation": "sdpa", "local_files_only": True}
+        if config.device_map is None:
+            model = InternVLForConditionalGeneration.from_pretrained(config.model_dir, **options)
+            model = model.to(config.device)
+        else:  # placed by accelerate; moving it with .to() would undo that
+            model = InternVLForConditionalGeneration.from_pretrained(
+                config.model_dir, device_map=config.device_map, **options
+            )
         return cls(config, files, model, observer)
 
     def close(self) -> None:

@@ -1,6 +1,6 @@
 """``stitch-edge``: the edge's command line (the only place that parses its arguments).
 
-``stitch-edge ask --model EDGE_DIR --image PATH --prompt TEXT [--cloud HOST:PORT ...]``
+``stitch-edge ask --model EDGE_DIR --image PATH --prompt TEXT [--cloud HOST:PORT[,HOST:PORT...] ...]``
 answers one question through ``sdk.Cascade`` and prints a short summary, or
 with ``--json`` one JSON object holding the answer, the route, the gate's
 scores, the edge's token probabilities and full visual-score vector, the kept
@@ -41,7 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--image", type=Path, required=True, help="image file (PNG, JPEG, WebP, BMP, GIF)")
     ask.add_argument("--prompt", required=True, help="the question")
     ask.add_argument(
-        "--cloud", default=None, help="HOST:PORT of stitch-cloud; without it every answer is local"
+        "--cloud",
+        default=None,
+        help="HOST:PORT of stitch-cloud, or replicas to balance over (HOST:PORT,HOST:PORT or "
+        "dns:///NAME:PORT); without it every answer is local",
     )
     ask.add_argument("--tau", type=float, default=DEFAULT_TAU, help="exit on the edge when S >= tau")
     ask.add_argument("--retention", type=float, default=0.09, help="R: share of visual tokens sent as kept")
@@ -179,7 +182,10 @@ def ask(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     cloud = None
     if args.cloud:
         root_cert = args.tls_root_cert.read_bytes() if args.tls_root_cert else None
-        cloud = GrpcCloudClient(args.cloud, tls_root_cert=root_cert, auth_token=args.auth_token)
+        try:
+            cloud = GrpcCloudClient(args.cloud, tls_root_cert=root_cert, auth_token=args.auth_token)
+        except ValueError as error:  # a malformed or unresolvable replica list
+            parser.error(f"--cloud {args.cloud}: {error}")
     with Cascade(model, cloud, config) as cascade:
         try:
             result = stream_answer(cascade, args) if args.stream else cascade.ask(args.image, args.prompt)

@@ -9,11 +9,15 @@
   (TLS and a bearer token optional). The whole call, retries included, runs
   within one deadline of ``timeout_s``; UNAVAILABLE (no server, server still
   loading) is retried with exponential backoff while the deadline allows.
+  Given several replicas (a list, "a:1,b:2", or a ``dns:///`` / ``ipv4:``
+  target) the channel balances per call with gRPC's ``round_robin`` and
+  client-side health checking (``balancing_service_config``): a replica that
+  is loading, draining or gone gets no new calls, and a retry lands on another.
 - ``InProcessCloudClient``: a loaded ``CloudEngine`` (or anything with its
   ``answer(request, should_stop)``) called directly, through the same wire
   conversion the server applies, so the gate and SDK are tested without a
   network and both transports refuse a bad request alike.
-- ``connect_cloud``: picks one from what the caller has ("host:port" or an engine).
+- ``connect_cloud``: picks one from what the caller has ("host:port", a list of them, or an engine).
 
 ``request_wire_size`` measures what a request costs on the wire (the
 serialized ``AnswerRequest``), split into image, kept indices and the rest.
@@ -26,10 +30,13 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import ipaddress
+import json
 import random
+import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -44,6 +51,10 @@ from stitchvlm.shared.types import CloudReply, CloudRequest
 # (no server listening, connection dropped, model still loading).
 RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
 DEFAULT_MAX_MESSAGE_BYTES = 32 * 1024 * 1024  # the server's default receive limit
+# The service the cloud's health reports NOT_SERVING for while it loads or drains.
+HEALTH_SERVICE_NAME = cascade_pb2.DESCRIPTOR.services_by_name["Cascade"].full_name  # "stitch.v1.Cascade"
+# Target schemes whose resolver may return several addresses (a balanced channel).
+_MULTI_ADDRESS_SCHEMES = ("dns:", "ipv4:", "ipv6:")
 
 
 class CloudError(Exception):
@@ -212,7 +223,7 @@ class GrpcCloudClient(CloudClient):
 
     def __init__(
         self,
-        address: str,
+        address: str | Sequence[str],
         *,
         tls_root_cert: bytes | None = None,
         auth_token: str | None = None,
@@ -221,15 +232,19 @@ class GrpcCloudClient(CloudClient):
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         index_encoding: str = "auto",
     ) -> None:
-        """``address``: a gRPC target ("host:port"). ``tls_root_cert``: PEM the client trusts,
-        TLS when given, plaintext otherwise. ``auth_token``: sent as ``authorization: Bearer``.
-        ``max_retries``: extra attempts after UNAVAILABLE, the n-th after about
-        ``backoff_s * 2**(n-1)`` seconds. ``max_message_bytes``: largest request or reply."""
-        if not address:
-            raise ValueError("address is empty")
+        """``address``: a gRPC target ("host:port"), or several replicas: a list of "host:port",
+        "host:port,host:port", or a target whose resolver gives several (``dns:///name:port``,
+        ``ipv4:a:p,b:p``); those balance per call (``cloud_target``). ``tls_root_cert``: PEM the
+        client trusts, TLS when given, plaintext otherwise. ``auth_token``: sent as
+        ``authorization: Bearer``. ``max_retries``: extra attempts after UNAVAILABLE, the n-th
+        after about ``backoff_s * 2**(n-1)`` seconds (on another replica when balanced).
+        ``max_message_bytes``: largest request or reply."""
         if max_retries < 0 or backoff_s < 0 or max_message_bytes < 1:
             raise ValueError("max_retries and backoff_s must be >= 0, max_message_bytes >= 1")
-        self.address = address
+        target = cloud_target(address)  # ValueError for an empty or unusable address
+        self.address = address  # as the caller gave it
+        self.target = target.target  # what the channel dials
+        self.balanced = target.balanced
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.index_encoding = index_encoding
@@ -238,11 +253,19 @@ class GrpcCloudClient(CloudClient):
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
         ]
+        if target.balanced:
+            options += [
+                ("grpc.service_config", balancing_service_config()),
+                # the config above, not one a DNS TXT record might carry
+                ("grpc.service_config_disable_resolution", 1),
+            ]
         if tls_root_cert is None:
-            self._channel = grpc.insecure_channel(address, options=options)
+            self._channel = grpc.insecure_channel(target.target, options=options)
         else:
+            if target.authority is not None:  # certificates are checked against this name
+                options.append(("grpc.default_authority", target.authority))
             credentials = grpc.ssl_channel_credentials(root_certificates=tls_root_cert)
-            self._channel = grpc.secure_channel(address, credentials, options=options)
+            self._channel = grpc.secure_channel(target.target, credentials, options=options)
         self._stub = cascade_pb2_grpc.CascadeStub(self._channel)
 
     def answer(self, request: CloudRequest, timeout_s: float) -> CloudReply:
@@ -322,6 +345,100 @@ class GrpcCloudClient(CloudClient):
                 raise CloudError(grpc.StatusCode.CANCELLED, "cancelled by the caller", attempts)
 
 
+@dataclass(frozen=True)
+class CloudTarget:
+    """What a ``GrpcCloudClient`` channel dials for the address its caller gave."""
+
+    target: str  # the gRPC target string
+    balanced: bool  # several replicas: round_robin over the healthy ones
+    authority: str | None = None  # for a list: its first "host:port", the name TLS checks certificates for
+
+
+def balancing_service_config() -> str:
+    """The service config (JSON) of a channel to several replicas.
+
+    ``round_robin`` picks a replica per call among the READY ones, and
+    ``healthCheckConfig`` makes the channel watch each replica's health
+    (``grpc.health.v1.Health/Watch`` for "stitch.v1.Cascade"): one that
+    reports NOT_SERVING (loading, draining) is skipped until it reports
+    SERVING. gRPC's default ``pick_first`` would ignore health.
+    """
+    return json.dumps(
+        {
+            "loadBalancingConfig": [{"round_robin": {}}],
+            "healthCheckConfig": {"serviceName": HEALTH_SERVICE_NAME},
+        }
+    )
+
+
+def cloud_target(address: str | Sequence[str]) -> CloudTarget:
+    """The channel target for ``address``.
+
+    - "host:port" (or any target without a comma): dialled as given, not balanced
+      (the single-replica behaviour; ``pick_first``).
+    - "dns:///name:port", "ipv4:a:p,b:p", "ipv6:[a]:p,[b]:p": as given, balanced
+      (a DNS name follows the replicas its records list, e.g. a headless Service).
+    - a list of "host:port", or one string of them joined by commas: balanced over
+      an ``ipv4:`` / ``ipv6:`` target; host names are resolved once, here (give a
+      ``dns:///`` target for a set that changes). ``ValueError`` when an entry is
+      malformed, does not resolve, or IPv4 and IPv6 addresses are mixed.
+    """
+    if isinstance(address, str):
+        text = address.strip()
+        if text.startswith(_MULTI_ADDRESS_SCHEMES):
+            return CloudTarget(text, balanced=True)
+        if "," not in text:
+            if not text:
+                raise ValueError("address is empty")
+            return CloudTarget(text, balanced=False)
+        entries = text.split(",")
+    else:
+        entries = list(address)
+    entries = [entry.strip() for entry in entries]
+    if not entries or not all(entries):
+        raise ValueError(f"empty entry in the cloud addresses {address!r}")
+    if len(entries) == 1:
+        return cloud_target(entries[0])
+    families = set()
+    resolved: list[str] = []
+    for entry in entries:
+        if "/" in entry or entry.startswith(_MULTI_ADDRESS_SCHEMES):
+            raise ValueError(
+                f"{entry!r}: a list holds host:port entries; give a dns:/// target alone instead"
+            )
+        for family, ip, port in _resolve(entry):
+            families.add(family)
+            text = f"[{ip}]:{port}" if family == 6 else f"{ip}:{port}"
+            if text not in resolved:
+                resolved.append(text)
+    if len(families) > 1:
+        raise ValueError(f"cloud addresses {entries} mix IPv4 and IPv6; give one family")
+    scheme = "ipv6" if families == {6} else "ipv4"
+    return CloudTarget(f"{scheme}:{','.join(resolved)}", balanced=True, authority=entries[0])
+
+
+def _resolve(entry: str) -> list[tuple[int, str, int]]:
+    """("host:port" or "[v6]:port") -> [(IP version, address, port)]; IPv4 preferred for a name."""
+    host, sep, port_text = entry.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"{entry!r} is not host:port")
+    port = int(port_text)
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        pass  # a name
+    else:
+        return [(ip.version, str(ip), port)]
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        raise ValueError(f"cannot resolve {host!r}: {error}") from None
+    found = [(6 if info[0] == socket.AF_INET6 else 4, info[4][0], port) for info in infos]
+    ipv4 = [item for item in found if item[0] == 4]
+    return ipv4 or found
+
+
 def _backoff(base_s: float, attempt: int) -> float:
     """Pause before retry ``attempt`` (1-based): ``base * 2**(attempt-1)``, the upper half jittered.
 
@@ -393,13 +510,20 @@ class InProcessCloudClient(CloudClient):
 
 def connect_cloud(spec: object, **grpc_options: object) -> CloudClient | None:
     """A client for ``spec``: None -> None (edge only); a ``CloudClient`` -> itself;
-    a string -> ``GrpcCloudClient(spec, **grpc_options)``; an object with
-    ``answer(request, should_stop)`` (a ``CloudEngine``) -> ``InProcessCloudClient``.
-    Raises ``TypeError`` for anything else."""
+    a string, or a list or tuple of "host:port" (replicas) -> ``GrpcCloudClient(spec,
+    **grpc_options)``; an object with ``answer(request, should_stop)`` (a
+    ``CloudEngine``) -> ``InProcessCloudClient``. Raises ``TypeError`` for anything else."""
     if spec is None or isinstance(spec, CloudClient):
         return spec
-    if isinstance(spec, str):
+    if is_grpc_address(spec):
         return GrpcCloudClient(spec, **grpc_options)
     if callable(getattr(spec, "answer", None)):
         return InProcessCloudClient(spec)
     raise TypeError(f"cannot reach a cloud through {type(spec).__name__}; expected 'host:port' or an engine")
+
+
+def is_grpc_address(spec: object) -> bool:
+    """True for what ``GrpcCloudClient`` dials: a string, or a list or tuple of strings."""
+    if isinstance(spec, str):
+        return True
+    return isinstance(spec, list | tuple) and bool(spec) and all(isinstance(item, str) for item in spec)

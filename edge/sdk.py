@@ -44,7 +44,7 @@ from stitchvlm.shared.preprocess import MIME_FORMATS, convert_to_rgb, decode_ima
 from stitchvlm.shared.scoring import GateDecision, top_r_indices
 from stitchvlm.shared.types import CloudReply, CloudRequest
 
-from .cloud_client import CloudClient, CloudError, WireSize, connect_cloud
+from .cloud_client import CloudClient, CloudError, WireSize, connect_cloud, is_grpc_address
 from .gate import DEFAULT_CONSISTENCY_RETENTION, DEFAULT_TAU, GateConfig, see_gate
 from .runtime import EdgeGeneration, EdgeModel
 
@@ -169,19 +169,20 @@ class Cascade:
     def __init__(
         self,
         model: EdgeModel | str | Path,
-        cloud: CloudClient | str | object | None = None,
+        cloud: CloudClient | str | list[str] | object | None = None,
         config: CascadeConfig | None = None,
         *,
         providers: list[str] | None = None,
         **options: object,
     ) -> None:
         """``model``: an ``EdgeModel`` or an export directory (loaded with ``providers``).
-        ``cloud``: None (edge only), "host:port" (gRPC), a ``CloudClient`` or an engine
+        ``cloud``: None (edge only), "host:port" (gRPC), replicas to balance over (a list of
+        "host:port", "a:1,b:2" or "dns:///name:port"), a ``CloudClient`` or an engine
         (see ``connect_cloud``). ``options``: ``CascadeConfig`` fields overriding ``config``
         (``tau=0.3``, ``retention=0.35``, ...)."""
         self.config = dataclasses.replace(config or CascadeConfig(), **options)
         self.model = model if isinstance(model, EdgeModel) else EdgeModel.load(model, providers=providers)
-        self._owns_client = isinstance(cloud, str)
+        self._owns_client = is_grpc_address(cloud)
         self.cloud = connect_cloud(cloud)
         self._tiling = self.model.files.tiling
         self._lock = threading.Lock()
