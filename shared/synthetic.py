@@ -26,6 +26,13 @@ own key, so the same seed never gives the same scene in two splits. Only numpy
 and Pillow are used (the edge imports this module); no torch, no font files
 (digits use Pillow's built-in scalable font).
 
+Two task families, chosen by name (``FAMILIES``, the ``family`` argument of
+``make_example``, ``dataset``, ``iter_dataset``, ``vocabulary_corpus``): ``basic``
+(the above, the default, what the embedded pair and the demo use) and
+``crowded`` (``synthetic_crowded``: 10-20 objects of two sizes on a 448 x 224
+canvas, questions that name objects by a conjunction of attributes, answers of
+several tokens). Each family salts its splits with its own keys.
+
 Not here: tokenization, tiling, or model inputs (``prompt`` and ``preprocess``).
 """
 
@@ -43,6 +50,8 @@ from PIL import Image, ImageDraw, ImageFont
 IMAGE_SIZE = 448  # canvas side in px: 2 x 2 tiles of 224 px plus the thumbnail
 QTYPES = ("colour", "shape", "count", "digit", "spatial")
 SPLITS = ("train", "val", "test")
+FAMILIES = ("basic", "crowded")  # task families by name; "basic" is this module's, "crowded" synthetic_crowded's
+DEFAULT_FAMILY = "basic"
 # Salts of the per-split random streams: a seed means a different scene in each split.
 _SPLIT_KEYS = {"train": 0x5EED_0001, "val": 0x5EED_0002, "test": 0x5EED_0003}
 
@@ -86,7 +95,8 @@ class SceneObject:
     shape: str  # one of SHAPES
     colour: str  # one of COLOURS
     box: tuple[int, int, int, int]  # (x0, y0, x1, y1) in px, half-open
-    digit: str | None  # the digit printed inside, if any
+    digit: str | None  # the digit printed inside, if any (the crowded family prints two-digit numbers)
+    size: str | None = None  # "small" or "large" in the crowded family; None in the basic one
 
     @property
     def centre(self) -> tuple[float, float]:
@@ -103,6 +113,7 @@ class Example:
     qtype: str  # one of QTYPES
     region: tuple[int, int, int, int]  # (x0, y0, x1, y1): the object(s) the answer depends on
     objects: tuple[SceneObject, ...]  # everything drawn, in drawing order
+    family: str = DEFAULT_FAMILY  # the task family it belongs to (FAMILIES)
 
 
 def normalize_answer(text: str) -> str:
@@ -125,14 +136,37 @@ def example_rng(seed: int | Sequence[int], split: str) -> np.random.Generator:
     return np.random.default_rng([_SPLIT_KEYS[split], *key])
 
 
+def check_family(family: str) -> str:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown task family {family!r}; expected one of {FAMILIES}")
+    return family
+
+
+def family_qtypes(family: str = DEFAULT_FAMILY) -> tuple[str, ...]:
+    """The question types of a task family, in the order tables list them."""
+    if check_family(family) == "crowded":
+        from stitchvlm.shared import synthetic_crowded  # imports this module; loaded on first use
+
+        return synthetic_crowded.QTYPES
+    return QTYPES
+
+
 def make_example(
-    seed_or_rng: int | Sequence[int] | np.random.Generator, split: str = "train", level: float = 1.0
+    seed_or_rng: int | Sequence[int] | np.random.Generator,
+    split: str = "train",
+    level: float = 1.0,
+    family: str = DEFAULT_FAMILY,
 ) -> Example:
     """One example, a pure function of the seed (salted by ``split``) or of the given generator.
 
     ``level`` in [0, 1] is for a training curriculum only: below 1 the image holds fewer
-    objects (``scene_limits``); every split is defined at level 1.
+    objects (``scene_limits``); every split is defined at level 1. ``family`` picks the
+    task family (``FAMILIES``).
     """
+    if check_family(family) == "crowded":
+        from stitchvlm.shared import synthetic_crowded
+
+        return synthetic_crowded.make_example(seed_or_rng, split, level)
     rng = seed_or_rng if isinstance(seed_or_rng, np.random.Generator) else example_rng(seed_or_rng, split)
     limits = scene_limits(level)
     qtype = QTYPES[int(rng.integers(len(QTYPES)))]
@@ -159,19 +193,25 @@ def scene_limits(level: float) -> SceneLimits:
     return SceneLimits(min_objects=2 + round(level * (lo - 2)), max_objects=2 + round(level * (hi - 2)))
 
 
-def dataset(split: str, n: int, seed: int = 0) -> list[Example]:
-    """The first ``n`` examples of a split; example i is ``make_example((seed, i), split)``."""
-    return list(iter_dataset(split, n, seed))
+def dataset(split: str, n: int, seed: int = 0, family: str = DEFAULT_FAMILY) -> list[Example]:
+    """The first ``n`` examples of a split; example i is ``make_example((seed, i), split, family=family)``."""
+    return list(iter_dataset(split, n, seed, family=family))
 
 
-def iter_dataset(split: str, n: int, seed: int = 0, start: int = 0, level: float = 1.0) -> Iterator[Example]:
+def iter_dataset(
+    split: str, n: int, seed: int = 0, start: int = 0, level: float = 1.0, family: str = DEFAULT_FAMILY
+) -> Iterator[Example]:
     """Examples ``start .. start + n - 1`` of a split, one at a time (``level``: see ``make_example``)."""
     for index in range(start, start + n):
-        yield make_example((seed, index), split, level)
+        yield make_example((seed, index), split, level, family)
 
 
-def vocabulary_corpus() -> list[str]:
+def vocabulary_corpus(family: str = DEFAULT_FAMILY) -> list[str]:
     """Sentences that hold every word of every question and answer, for training a tokenizer."""
+    if check_family(family) == "crowded":
+        from stitchvlm.shared import synthetic_crowded
+
+        return synthetic_crowded.vocabulary_corpus()
     colours, shapes = list(COLOURS), list(SHAPES)
     lines = [f"What colour is the {s}? {c}" for s in shapes for c in colours]
     lines += [f"Which shape is {c}? {s}" for c in colours for s in shapes]
@@ -238,12 +278,19 @@ def more_questions(example: Example, rng: np.random.Generator, n: int) -> list[Q
 
     Each draws a question type uniformly among those the scene can answer, then
     a question of that type; no question repeats. For training only: the splits
-    ask one question per image.
+    ask one question per image. Questions come from the example's own family.
     """
-    pool = {q: [x for x in scene_questions(example.objects, q) if x.text != example.question] for q in QTYPES}
+    qtypes = family_qtypes(example.family)
+    if example.family == "crowded":
+        from stitchvlm.shared import synthetic_crowded
+
+        asked = synthetic_crowded.scene_questions
+    else:
+        asked = scene_questions
+    pool = {q: [x for x in asked(example.objects, q) if x.text != example.question] for q in qtypes}
     chosen: list[Question] = []
     while len(chosen) < n:
-        available = [q for q in QTYPES if pool[q]]
+        available = [q for q in qtypes if pool[q]]
         if not available:
             break
         options = pool[_pick(rng, available)]
@@ -415,10 +462,14 @@ def _place(rng: np.random.Generator, specs: list[dict]) -> tuple[SceneObject, ..
     return tuple(placed)
 
 
-def render(objects: Sequence[SceneObject], rng: np.random.Generator) -> Image.Image:
-    """Draw ``objects`` on a light background with slightly jittered colours."""
+def render(
+    objects: Sequence[SceneObject],
+    rng: np.random.Generator,
+    canvas: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE),
+) -> Image.Image:
+    """Draw ``objects`` on a light background of ``canvas`` (width, height) px with slightly jittered colours."""
     level = int(rng.integers(228, 250))
-    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (level, level, level))
+    image = Image.new("RGB", canvas, (level, level, level))
     draw = ImageDraw.Draw(image)
     for obj in objects:
         base = np.array(COLOURS[obj.colour])
@@ -465,7 +516,8 @@ def _draw_digit(draw: ImageDraw.ImageDraw, obj: SceneObject, rgb) -> None:
     luminance = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
     ink = (0, 0, 0) if luminance > 140 else (255, 255, 255)
     size = obj.box[2] - obj.box[0]
-    draw.text(obj.centre, obj.digit, fill=ink, font=_font(int(size * 0.55)), anchor="mm")
+    scale = 0.55 if len(obj.digit) == 1 else 0.42  # two digits (the crowded family's numbers) side by side
+    draw.text(obj.centre, obj.digit, fill=ink, font=_font(int(size * scale)), anchor="mm")
 
 
 @lru_cache(maxsize=64)

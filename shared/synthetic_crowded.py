@@ -1,0 +1,405 @@
+"""The ``crowded`` task family of ``stitchvlm.shared.synthetic``: many objects, conjunctive questions.
+
+The basic family asks about one of 3-6 objects, named by one attribute, and a
+model can answer from the question's last word: an early layer already knows
+which tokens matter, so pruning from layer 2 costs nothing and random tokens
+do as well as any guidance (issue 12). Here an early layer cannot know:
+
+- 10-20 objects of two sizes (``small`` 24-30 px, ``large`` 44-50 px), one per
+  cell of the 8 x 4 grid of 56 px cells of a 448 x 224 canvas (2 x 1 tiles of
+  224 px plus the thumbnail; at 64 tokens per tile, 192 visual tokens, each
+  object on a 2 x 2 block of grid tokens);
+- every object a question names is named by a *conjunction* of attributes
+  ("the small green triangle") and every word of it is needed: for each
+  attribute, the scene holds an object that matches all the others but not it;
+- answers of several tokens: two-digit numbers, two words.
+
+Question types (``QTYPES``):
+
+- ``colour``: "What colour is the small star?" (size + shape)
+- ``shape``: "What shape is the large blue object?" (size + colour)
+- ``count``: "How many small red objects are there?" (two attributes; 1 to 5,
+  among distractors that share one of them)
+- ``number``: "What number is on the large green square?" (two digits; the
+  objects that share two of the three attributes carry numbers too)
+- ``spatial``: "What is directly left of the small red star?" -> "blue circle"
+  (the object in the neighbouring grid cell, colour and shape)
+- ``relation``: "Is the small red star left or right of the large blue circle?"
+  -> "left" (two named objects; "above or below" when asked that way)
+
+Like the basic family: a pure function of (split, seed), its own split salts
+(never the basic family's scenes), numpy and Pillow only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from stitchvlm.shared.synthetic import (
+    COLOURS,
+    DIGIT_SHAPES,
+    SHAPES,
+    SPLITS,
+    Example,
+    Question,
+    SceneObject,
+    render,
+)
+
+CANVAS = (448, 224)  # (width, height) px: a 2 x 1 grid of 224 px tiles plus the thumbnail
+CELL = 56  # grid cell side in px: 2 x 2 visual tokens of a 224 px tile at 64 tokens per tile
+GRID_COLUMNS, GRID_ROWS = CANVAS[0] // CELL, CANVAS[1] // CELL  # 8 x 4
+QTYPES = ("colour", "shape", "count", "number", "spatial", "relation")
+SIZES = {"small": (24, 30), "large": (44, 50)}  # object side in px, inclusive ranges
+ATTRIBUTES = ("size", "colour", "shape")  # what a description may name, in the order it names them
+# The attribute sets that may name one object: any two, or all three.
+DESCRIPTIONS = (("size", "colour"), ("size", "shape"), ("colour", "shape"), ATTRIBUTES)
+NUMBER_SHAPES = DIGIT_SHAPES  # shapes roomy enough to hold a printed number
+NUMBERS = (10, 99)  # printed numbers, inclusive: always two digits, two answer tokens
+MAX_COUNT = 5  # count questions ask about 1..MAX_COUNT objects
+NEIGHBOURS = {"directly left of": (-1, 0), "directly right of": (1, 0), "directly above": (0, -1), "directly below": (0, 1)}  # fmt: skip
+AXES = {"left or right of": (0, ("left", "right")), "above or below": (1, ("above", "below"))}
+OBJECTS_PER_IMAGE = (10, 20)  # inclusive range at curriculum level 1
+_EASY_OBJECTS = (4, 6)  # the range at level 0
+_JITTER = 2  # +- px of an object's centre around its cell's centre
+_NUMBER_PROBABILITY = 0.5  # chance that a roomy shape carries a number
+# Salts of the per-split random streams; distinct from the basic family's.
+_SPLIT_KEYS = {"train": 0xC20D_0001, "val": 0xC20D_0002, "test": 0xC20D_0003}
+
+Spec = dict  # an object not yet placed: size, colour, shape, digit
+
+
+def example_rng(seed: int | Sequence[int], split: str) -> np.random.Generator:
+    """The random stream of one crowded example: the seed salted with the split's key."""
+    if split not in _SPLIT_KEYS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    key = [int(seed)] if isinstance(seed, (int, np.integer)) else [int(s) for s in seed]
+    if any(k < 0 for k in key):
+        raise ValueError(f"seeds must be non-negative, got {seed!r}")
+    return np.random.default_rng([_SPLIT_KEYS[split], *key])
+
+
+def object_limits(level: float) -> tuple[int, int]:
+    """(fewest, most) objects at a curriculum level: 0 is 4-6, 1 the standard 10-20."""
+    if not 0.0 <= level <= 1.0:
+        raise ValueError(f"level must be in [0, 1], got {level}")
+    (lo0, hi0), (lo1, hi1) = _EASY_OBJECTS, OBJECTS_PER_IMAGE
+    return lo0 + round(level * (lo1 - lo0)), hi0 + round(level * (hi1 - hi0))
+
+
+def make_example(
+    seed_or_rng: int | Sequence[int] | np.random.Generator, split: str = "train", level: float = 1.0
+) -> Example:
+    """One crowded example (``synthetic.make_example(..., family="crowded")`` calls this)."""
+    rng = seed_or_rng if isinstance(seed_or_rng, np.random.Generator) else example_rng(seed_or_rng, split)
+    limits = object_limits(level)
+    qtype = QTYPES[int(rng.integers(len(QTYPES)))]
+    while True:  # a planted scene can break a description (a filler twin); draw again from the stream
+        planted = _PLANT[qtype](rng, limits)
+        if planted is not None:
+            objects, q = planted
+            image = render(objects, rng, CANVAS)
+            return Example(image, q.text, q.answer, qtype, q.region, objects, "crowded")
+
+
+def vocabulary_corpus() -> list[str]:
+    """Sentences that hold every word of every crowded question and answer, for a tokenizer."""
+    colours, shapes, sizes = list(COLOURS), list(SHAPES), list(SIZES)
+    lines = [f"What colour is the {z} {s}? {c}" for z in sizes for s in shapes for c in colours]
+    lines += [f"What shape is the {z} {c} object? {s}" for z in sizes for c in colours for s in shapes]
+    lines += [f"How many {z} {c} objects are there? {n}" for z in sizes for c in colours for n in range(1, 6)]
+    lines += [f"How many {c} {_plural(s)} are there? 3" for c in colours for s in shapes]
+    lines += [f"How many {z} {_plural(s)} are there? 2" for z in sizes for s in shapes]
+    lines += [f"What number is on the {z} {c} {s}? 47" for z in sizes for c in colours for s in NUMBER_SHAPES]
+    lines += [f"What is {r} the {z} {c} {s}? {c} {s}" for r in NEIGHBOURS for z in sizes for c in colours for s in shapes]  # fmt: skip
+    lines += [f"Is the {z} {c} object {a} the {s}? {w}" for a, (_, ws) in AXES.items() for w in ws for z in sizes for c in colours for s in shapes]  # fmt: skip
+    # Answers open the assistant turn with no leading space; repeated, since BPE merges only pairs seen twice.
+    lines += [*colours, *shapes, "left", "right", "above", "below", *(f"{c} {s}" for c in colours for s in shapes)] * 3  # fmt: skip
+    return lines
+
+
+# ---------------------------------------------------------------------------
+# Descriptions and the questions a scene answers
+# ---------------------------------------------------------------------------
+
+
+def cell_of(obj: SceneObject) -> tuple[int, int]:
+    """(column, row) of the grid cell an object sits in."""
+    return int(obj.centre[0] // CELL), int(obj.centre[1] // CELL)
+
+
+def matches(obj: SceneObject, values: dict[str, str]) -> bool:
+    return all(getattr(obj, name) == value for name, value in values.items())
+
+
+def values_of(obj: SceneObject, attributes: Sequence[str]) -> dict[str, str]:
+    return {name: getattr(obj, name) for name in attributes}
+
+
+def describes(objects: Sequence[SceneObject], target: SceneObject, attributes: Sequence[str]) -> bool:
+    """True when ``attributes`` of ``target`` name it alone and each of them is needed: left out,
+    the rest name at least two objects."""
+    values = values_of(target, attributes)
+    if sum(matches(o, values) for o in objects) != 1:
+        return False
+    for name in attributes:
+        rest = {k: v for k, v in values.items() if k != name}
+        if sum(matches(o, rest) for o in objects) < 2:
+            return False
+    return True
+
+
+def phrase(values: dict[str, str]) -> str:
+    """``{"size": "small", "colour": "green", "shape": "triangle"}`` -> "the small green triangle"."""
+    words = [values[name] for name in ("size", "colour") if name in values]
+    return "the " + " ".join([*words, values.get("shape", "object")])
+
+
+def _plural(shape: str) -> str:
+    return shape + ("es" if shape.endswith("s") else "s")
+
+
+def plural_phrase(values: dict[str, str]) -> str:
+    """``{"size": "small", "colour": "red"}`` -> "small red objects"; with a shape, "red circles"."""
+    words = [values[name] for name in ("size", "colour") if name in values]
+    return " ".join([*words, _plural(values["shape"]) if "shape" in values else "objects"])
+
+
+def _union(boxes: Sequence[tuple[int, int, int, int]]) -> tuple[int, int, int, int]:
+    array = np.array(boxes)
+    return (*array[:, :2].min(axis=0).tolist(), *array[:, 2:].max(axis=0).tolist())
+
+
+def colour_question(o: SceneObject) -> Question:
+    return Question(f"What colour is {phrase(values_of(o, ('size', 'shape')))}?", o.colour, "colour", o.box)
+
+
+def shape_question(o: SceneObject) -> Question:
+    return Question(f"What shape is {phrase(values_of(o, ('size', 'colour')))}?", o.shape, "shape", o.box)
+
+
+def number_question(o: SceneObject) -> Question:
+    return Question(f"What number is on {phrase(values_of(o, ATTRIBUTES))}?", o.digit, "number", o.box)
+
+
+def count_question(values: dict[str, str], objects: Sequence[SceneObject]) -> Question:
+    counted = [o.box for o in objects if matches(o, values)]
+    text = f"How many {plural_phrase(values)} are there?"
+    return Question(text, str(len(counted)), "count", _union(counted))
+
+
+def spatial_question(reference: SceneObject, attributes, relation: str, answer: SceneObject) -> Question:
+    text = f"What is {relation} {phrase(values_of(reference, attributes))}?"
+    return Question(text, f"{answer.colour} {answer.shape}", "spatial", answer.box)
+
+
+def relation_question(a: SceneObject, a_attrs, b: SceneObject, b_attrs, axis: str) -> Question:
+    index, words = AXES[axis]
+    answer = words[0] if cell_of(a)[index] < cell_of(b)[index] else words[1]
+    text = f"Is {phrase(values_of(a, a_attrs))} {axis} {phrase(values_of(b, b_attrs))}?"
+    return Question(text, answer, "relation", _union([a.box, b.box]))
+
+
+def _counts_needing_both(objects: Sequence[SceneObject], values: dict[str, str]) -> bool:
+    """1..MAX_COUNT objects match ``values`` and, for each of its attributes, more match without it."""
+    count = sum(matches(o, values) for o in objects)
+    if not 1 <= count <= MAX_COUNT:
+        return False
+    return all(sum(matches(o, {k: v for k, v in values.items() if k != name}) for o in objects) > count
+               for name in values)  # fmt: skip
+
+
+def scene_questions(objects: Sequence[SceneObject], qtype: str) -> list[Question]:
+    """Every question of ``qtype`` the scene answers unambiguously with every word needed, in a fixed order."""
+    if qtype == "colour":
+        return [colour_question(o) for o in objects if describes(objects, o, ("size", "shape"))]
+    if qtype == "shape":
+        return [shape_question(o) for o in objects if describes(objects, o, ("size", "colour"))]
+    if qtype == "number":
+        numbered = [
+            o for o in objects if o.digit is not None and o.size == "large"
+        ]  # small print: never asked
+        return [number_question(o) for o in numbered if describes(objects, o, ATTRIBUTES)]
+    if qtype == "count":
+        questions, seen = [], set()
+        for attributes in DESCRIPTIONS[:3]:
+            for o in objects:
+                values = values_of(o, attributes)
+                if tuple(values.items()) not in seen and _counts_needing_both(objects, values):
+                    seen.add(tuple(values.items()))
+                    questions.append(count_question(values, objects))
+        return questions
+    named = [(o, attrs) for o in objects for attrs in DESCRIPTIONS if describes(objects, o, attrs)]
+    if qtype == "spatial":
+        by_cell = {cell_of(o): o for o in objects}
+        questions = []
+        for o, attrs in named:
+            column, row = cell_of(o)
+            for relation, (dx, dy) in NEIGHBOURS.items():
+                neighbour = by_cell.get((column + dx, row + dy))
+                if neighbour is not None:
+                    questions.append(spatial_question(o, attrs, relation, neighbour))
+        return questions
+    if qtype == "relation":
+        questions = []
+        for (a, a_attrs), (b, b_attrs) in ((x, y) for x in named for y in named if x[0] is not y[0]):
+            for axis, (index, _) in AXES.items():
+                if cell_of(a)[index] != cell_of(b)[index]:
+                    questions.append(relation_question(a, a_attrs, b, b_attrs, axis))
+        return questions
+    raise ValueError(f"unknown question type {qtype!r}; expected one of {QTYPES}")
+
+
+# ---------------------------------------------------------------------------
+# Planted scenes
+# ---------------------------------------------------------------------------
+
+Planted = tuple[tuple[SceneObject, ...], Question]
+_CHOICES = {"size": tuple(SIZES), "colour": tuple(COLOURS), "shape": SHAPES}
+
+
+def _pick(rng: np.random.Generator, options) -> str:
+    options = list(options)
+    return options[int(rng.integers(len(options)))]
+
+
+def _spec(rng: np.random.Generator, number: bool | None = None, **fixed: str) -> Spec:
+    """An object with ``fixed`` attributes, the rest random; ``number``: True forces one (on a roomy
+    shape), None draws one with ``_NUMBER_PROBABILITY`` on roomy shapes."""
+    spec = {name: fixed.get(name) or _pick(rng, _CHOICES[name]) for name in ATTRIBUTES}
+    if number is None:
+        number = spec["shape"] in NUMBER_SHAPES and rng.random() < _NUMBER_PROBABILITY
+    spec["digit"] = str(int(rng.integers(NUMBERS[0], NUMBERS[1] + 1))) if number else None
+    return spec
+
+
+def _twin_but(rng: np.random.Generator, values: dict[str, str], name: str, **extra) -> Spec:
+    """An object that matches ``values`` except ``name``, which it has otherwise (a distractor)."""
+    other = _pick(rng, [v for v in _CHOICES[name] if v != values[name]])
+    return _spec(rng, **{**values, name: other}, **extra)
+
+
+def _fillers(rng: np.random.Generator, n: int, avoid: Sequence[dict[str, str]]) -> list[Spec]:
+    """``n`` random objects, none matching any of ``avoid``."""
+    specs = []
+    while len(specs) < n:
+        spec = _spec(rng)
+        if not any(all(spec[k] == v for k, v in values.items()) for values in avoid):
+            specs.append(spec)
+    return specs
+
+
+def _n_objects(rng: np.random.Generator, limits: tuple[int, int], at_least: int) -> int:
+    return max(at_least, int(rng.integers(limits[0], limits[1] + 1)))
+
+
+def _referent(rng: np.random.Generator, attributes: Sequence[str], **extra) -> tuple[Spec, list[Spec]]:
+    """A target and one distractor per named attribute, so every word of its description is needed."""
+    target = _spec(rng, **extra)
+    values = {name: target[name] for name in attributes}
+    return target, [_twin_but(rng, values, name) for name in attributes]
+
+
+def _place(rng: np.random.Generator, specs: Sequence[Spec], fixed: dict[int, int] | None = None):
+    """Objects for ``specs`` in order, each centred (+- ``_JITTER``) in its own cell; ``fixed`` maps a
+    spec's index to a cell index (row * GRID_COLUMNS + column)."""
+    fixed = fixed or {}
+    free = [c for c in range(GRID_COLUMNS * GRID_ROWS) if c not in fixed.values()]
+    drawn = iter(rng.choice(free, size=len(specs) - len(fixed), replace=False).tolist())
+    placed = []
+    for index, spec in enumerate(specs):
+        row, column = divmod(fixed[index] if index in fixed else next(drawn), GRID_COLUMNS)
+        side = int(rng.integers(SIZES[spec["size"]][0], SIZES[spec["size"]][1] + 1))
+        jx, jy = (int(j) for j in rng.integers(-_JITTER, _JITTER + 1, 2))
+        x0 = column * CELL + (CELL - side) // 2 + jx
+        y0 = row * CELL + (CELL - side) // 2 + jy
+        box = (x0, y0, x0 + side, y0 + side)
+        placed.append(SceneObject(spec["shape"], spec["colour"], box, spec["digit"], spec["size"]))
+    return tuple(placed)
+
+
+def _plant_attribute(qtype: str, attributes: tuple[str, str]):
+    ask = colour_question if qtype == "colour" else shape_question
+
+    def plant(rng: np.random.Generator, limits) -> Planted | None:
+        target, distractors = _referent(rng, attributes)
+        values = {name: target[name] for name in attributes}
+        n = _n_objects(rng, limits, 1 + len(distractors))
+        objects = _place(rng, [target, *distractors, *_fillers(rng, n - 1 - len(distractors), [values])])
+        return (objects, ask(objects[0])) if describes(objects, objects[0], attributes) else None
+
+    return plant
+
+
+def _plant_number(rng: np.random.Generator, limits) -> Planted | None:
+    target = _spec(rng, number=True, size="large", shape=_pick(rng, NUMBER_SHAPES))
+    values = {name: target[name] for name in ATTRIBUTES}
+    # The three twins carry numbers too: reading the wrong one of them is the mistake to make.
+    other_shape = _pick(rng, [shape for shape in NUMBER_SHAPES if shape != values["shape"]])
+    distractors = [
+        _twin_but(rng, values, "size", number=True),
+        _twin_but(rng, values, "colour", number=True),
+        _spec(rng, number=True, **{**values, "shape": other_shape}),
+    ]
+    n = _n_objects(rng, limits, 4)
+    objects = _place(rng, [target, *distractors, *_fillers(rng, n - 4, [values])])
+    return (objects, number_question(objects[0])) if describes(objects, objects[0], ATTRIBUTES) else None
+
+
+def _plant_count(rng: np.random.Generator, limits) -> Planted | None:
+    attributes = DESCRIPTIONS[int(rng.integers(3))]
+    first = _spec(rng)
+    values = {name: first[name] for name in attributes}
+    count = int(rng.integers(1, MAX_COUNT + 1))
+    counted = [first, *(_spec(rng, **values) for _ in range(count - 1))]
+    distractors = [
+        _twin_but(rng, values, name) for name in attributes for _ in range(int(rng.integers(1, 3)))
+    ]
+    n = _n_objects(rng, limits, count + len(distractors))
+    specs = [*counted, *distractors, *_fillers(rng, n - count - len(distractors), [values])]
+    objects = _place(rng, specs)
+    return (objects, count_question(values, objects)) if _counts_needing_both(objects, values) else None
+
+
+def _plant_spatial(rng: np.random.Generator, limits) -> Planted | None:
+    attributes = DESCRIPTIONS[int(rng.integers(len(DESCRIPTIONS)))]
+    relation = _pick(rng, NEIGHBOURS)
+    reference, distractors = _referent(rng, attributes)
+    values = {name: reference[name] for name in attributes}
+    n = _n_objects(rng, limits, 2 + len(distractors))
+    fillers = _fillers(rng, n - 1 - len(distractors), [values])
+    dx, dy = NEIGHBOURS[relation]
+    columns = range(max(0, -dx), GRID_COLUMNS - max(0, dx))
+    rows = range(max(0, -dy), GRID_ROWS - max(0, dy))
+    column, row = int(rng.choice(columns)), int(rng.choice(rows))
+    cells = {0: row * GRID_COLUMNS + column, 1: (row + dy) * GRID_COLUMNS + column + dx}
+    objects = _place(rng, [reference, fillers[0], *distractors, *fillers[1:]], cells)
+    if not describes(objects, objects[0], attributes):
+        return None
+    return objects, spatial_question(objects[0], attributes, relation, objects[1])
+
+
+def _plant_relation(rng: np.random.Generator, limits) -> Planted | None:
+    a_attrs = DESCRIPTIONS[int(rng.integers(len(DESCRIPTIONS)))]
+    b_attrs = DESCRIPTIONS[int(rng.integers(len(DESCRIPTIONS)))]
+    a, a_distractors = _referent(rng, a_attrs)
+    b, b_distractors = _referent(rng, b_attrs)
+    avoid = [{k: a[k] for k in a_attrs}, {k: b[k] for k in b_attrs}]
+    named = [a, b, *a_distractors, *b_distractors]
+    objects = _place(rng, [*named, *_fillers(rng, _n_objects(rng, limits, len(named)) - len(named), avoid)])
+    if not (describes(objects, objects[0], a_attrs) and describes(objects, objects[1], b_attrs)):
+        return None
+    axes = [axis for axis, (i, _) in AXES.items() if cell_of(objects[0])[i] != cell_of(objects[1])[i]]
+    return objects, relation_question(objects[0], a_attrs, objects[1], b_attrs, _pick(rng, axes))
+
+
+_PLANT = {
+    "colour": _plant_attribute("colour", ("size", "shape")),
+    "shape": _plant_attribute("shape", ("size", "colour")),
+    "count": _plant_count,
+    "number": _plant_number,
+    "spatial": _plant_spatial,
+    "relation": _plant_relation,
+}
