@@ -4,7 +4,15 @@
 answers one question through ``sdk.Cascade`` and prints a short summary, or
 with ``--json`` one JSON object holding the answer, the route, the gate's
 scores, the edge's token probabilities and full visual-score vector, the kept
-indices, the bytes sent, and the timings. Also ``python -m stitchvlm.edge.cli``.
+indices, the bytes sent, and the timings. ``--tau`` defaults to the export's
+calibrated threshold when there is one.
+
+``stitch-edge calibrate --model EDGE_DIR --questions synthetic:val --cloud HOST:PORT
+--target-agreement 0.95`` runs a question set once (every question escalated),
+prints exit rate, cloud load, agreement with the cloud and accuracy (labelled
+questions) for a sweep of tau, picks the tau that meets the target with the
+most exits, and writes it to ``EDGE_DIR/stitch_calibration.json``. Also
+``python -m stitchvlm.edge.cli``.
 
 Exit codes: 0 answered (also when degraded to the edge's answer), 1 the cloud
 failed under ``--on-cloud-failure raise``, 2 bad arguments, a missing file, an
@@ -14,16 +22,20 @@ export directory that does not load, or an image/prompt the model refuses.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from stitchvlm.shared.token_file import read_token_file
 
+from . import calibrate
+from .calibrate import CALIBRATION_FILE, read_calibration
 from .cloud_client import CloudError, GrpcCloudClient
 from .gate import DEFAULT_CONSISTENCY_RETENTION, DEFAULT_TAU
+from .loadtest import load_questions
 from .runtime import CPU, EdgeModel
 from .sdk import ON_FAILURE_DEGRADE, ON_FAILURE_RAISE, Cascade, CascadeConfig, Result
 
@@ -31,43 +43,21 @@ AUTH_TOKEN_ENV = "STITCH_AUTH_TOKEN"  # the same variable stitch-cloud reads its
 EXIT_OK, EXIT_CLOUD_FAILED = 0, 1  # usage errors exit 2 through argparse
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="stitch-edge", description="Stitch edge: the small VLM and the SEE gate."
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    ask = commands.add_parser("ask", help="answer one question about one image")
-    ask.add_argument("--model", type=Path, required=True, help="export directory (stitch-export --out)")
-    ask.add_argument("--image", type=Path, required=True, help="image file (PNG, JPEG, WebP, BMP, GIF)")
-    ask.add_argument("--prompt", required=True, help="the question")
-    ask.add_argument(
+def add_cloud_arguments(command: argparse.ArgumentParser) -> None:
+    """--cloud, --timeout, TLS and bearer-token flags, shared by ask and calibrate."""
+    command.add_argument(
         "--cloud",
         default=None,
         help="HOST:PORT of stitch-cloud, or replicas to balance over (HOST:PORT,HOST:PORT or "
         "dns:///NAME:PORT); without it every answer is local",
     )
-    ask.add_argument("--tau", type=float, default=DEFAULT_TAU, help="exit on the edge when S >= tau")
-    ask.add_argument("--retention", type=float, default=0.09, help="R: share of visual tokens sent as kept")
-    ask.add_argument(
-        "--consistency-retention",
-        type=float,
-        default=DEFAULT_CONSISTENCY_RETENTION,
-        help="r_c: share of visual tokens in the gate's consistency pass",
-    )
-    ask.add_argument("--max-new-tokens", type=int, default=32, help="generation budget, edge and cloud")
-    ask.add_argument(
+    command.add_argument(
         "--timeout", type=float, default=10.0, help="cloud deadline in seconds, retries included"
     )
-    ask.add_argument(
-        "--on-cloud-failure",
-        choices=[ON_FAILURE_DEGRADE, ON_FAILURE_RAISE],
-        default=ON_FAILURE_DEGRADE,
-        help="degrade: answer locally (exit 0); raise: report the error (exit 1)",
-    )
-    ask.add_argument(
+    command.add_argument(
         "--tls-root-cert", type=Path, help="PEM certificate to trust: TLS to the cloud when given"
     )
-    auth = ask.add_mutually_exclusive_group()
+    auth = command.add_mutually_exclusive_group()
     auth.add_argument(
         "--auth-token",
         default=os.environ.get(AUTH_TOKEN_ENV) or None,
@@ -80,12 +70,76 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"file holding the bearer token for the cloud; wins over ${AUTH_TOKEN_ENV}",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stitch-edge", description="Stitch edge: the small VLM and the SEE gate."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    ask = commands.add_parser("ask", help="answer one question about one image")
+    ask.add_argument("--model", type=Path, required=True, help="export directory (stitch-export --out)")
+    ask.add_argument("--image", type=Path, required=True, help="image file (PNG, JPEG, WebP, BMP, GIF)")
+    ask.add_argument("--prompt", required=True, help="the question")
+    ask.add_argument(
+        "--tau",
+        type=float,
+        default=None,
+        help=f"exit on the edge when S >= tau (default: the export's {CALIBRATION_FILE} when "
+        f"stitch-edge calibrate wrote one, else {DEFAULT_TAU})",
+    )
+    ask.add_argument("--retention", type=float, default=0.09, help="R: share of visual tokens sent as kept")
+    ask.add_argument(
+        "--consistency-retention",
+        type=float,
+        default=DEFAULT_CONSISTENCY_RETENTION,
+        help="r_c: share of visual tokens in the gate's consistency pass",
+    )
+    ask.add_argument("--max-new-tokens", type=int, default=32, help="generation budget, edge and cloud")
+    ask.add_argument(
+        "--on-cloud-failure",
+        choices=[ON_FAILURE_DEGRADE, ON_FAILURE_RAISE],
+        default=ON_FAILURE_DEGRADE,
+        help="degrade: answer locally (exit 0); raise: report the error (exit 1)",
+    )
+    add_cloud_arguments(ask)
     ask.add_argument("--cpu", action="store_true", help="run ONNX Runtime on the CPU even when CUDA is there")
     ask.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
     ask.add_argument(
         "--stream", action="store_true", help="print the answer as it is generated, then the summary"
     )
-    ask.set_defaults(command_parser=ask)  # usage errors then show the subcommand's usage
+    ask.set_defaults(command_parser=ask, run=run_ask)  # usage errors then show the subcommand's usage
+
+    cal = commands.add_parser("calibrate", help="sweep tau on a question set and pick one for a target")
+    cal.add_argument("--model", type=Path, required=True, help="export directory (stitch-export --out)")
+    cal.add_argument(
+        "--questions",
+        default="synthetic:val",
+        help="synthetic:SPLIT or a JSONL file of image/question/answer",
+    )
+    cal.add_argument("-n", type=int, default=100, help="questions to run")
+    cal.add_argument("--retention", type=float, default=0.09, help="R sent with each escalation")
+    cal.add_argument(
+        "--consistency-retention",
+        type=float,
+        default=DEFAULT_CONSISTENCY_RETENTION,
+        help="r_c of the gate's consistency pass (use the one ask will run with)",
+    )
+    cal.add_argument("--max-new-tokens", type=int, default=32, help="generation budget, edge and cloud")
+    add_cloud_arguments(cal)
+    target = cal.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target-exit-rate", type=float, help="exit on the edge at most this share")
+    target.add_argument(
+        "--target-agreement", type=float, help="agree with the cloud alone at least this often"
+    )
+    target.add_argument(
+        "--target-accuracy", type=float, help="be right at least this often (labelled questions)"
+    )
+    cal.add_argument(
+        "--out", type=Path, help=f"where to write the result (default: MODEL/{CALIBRATION_FILE})"
+    )
+    cal.add_argument("--cpu", action="store_true", help="run ONNX Runtime on the CPU even when CUDA is there")
+    cal.set_defaults(command_parser=cal, run=run_calibrate)
     return parser
 
 
@@ -93,7 +147,7 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     """Check files and values; exit 2 through ``parser.error`` when wrong."""
     if not args.model.is_dir():
         parser.error(f"--model {args.model}: no such directory")
-    if not args.image.is_file():
+    if getattr(args, "image", None) is not None and not args.image.is_file():
         parser.error(f"--image {args.image}: no such file")
     if args.tls_root_cert is not None and not args.tls_root_cert.is_file():
         parser.error(f"--tls-root-cert {args.tls_root_cert}: no such file")
@@ -104,12 +158,12 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
             parser.error(f"--auth-token-file {args.auth_token_file}: {error}")
     try:
         return CascadeConfig(
-            tau=args.tau,
+            tau=default_tau(args.model) if getattr(args, "tau", None) is None else args.tau,
             retention=args.retention,
             consistency_retention=args.consistency_retention,
             max_new_tokens=args.max_new_tokens,
             cloud_timeout_s=args.timeout,
-            on_cloud_failure=args.on_cloud_failure,
+            on_cloud_failure=getattr(args, "on_cloud_failure", ON_FAILURE_DEGRADE),
         )
     except ValueError as error:
         parser.error(str(error))
@@ -173,8 +227,15 @@ def summary(result: Result) -> str:
     return "\n".join(lines)
 
 
-def ask(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    config = config_from_args(parser, args)
+def default_tau(model_dir: Path) -> float:
+    """The export's calibrated tau when ``stitch-edge calibrate`` wrote one, else DEFAULT_TAU."""
+    calibration = read_calibration(model_dir)
+    return calibration.tau if calibration is not None else DEFAULT_TAU
+
+
+def open_model_and_cloud(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[EdgeModel, GrpcCloudClient | None]:
     try:
         model = EdgeModel.load(args.model, providers=[CPU] if args.cpu else None)
     except (FileNotFoundError, ValueError) as error:
@@ -186,6 +247,12 @@ def ask(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             cloud = GrpcCloudClient(args.cloud, tls_root_cert=root_cert, auth_token=args.auth_token)
         except ValueError as error:  # a malformed or unresolvable replica list
             parser.error(f"--cloud {args.cloud}: {error}")
+    return model, cloud
+
+
+def run_ask(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    config = config_from_args(parser, args)
+    model, cloud = open_model_and_cloud(parser, args)
     with Cascade(model, cloud, config) as cascade:
         try:
             result = stream_answer(cascade, args) if args.stream else cascade.ask(args.image, args.prompt)
@@ -212,10 +279,73 @@ def stream_answer(cascade: Cascade, args: argparse.Namespace) -> Result:
     return result
 
 
+def run_calibrate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Observe every question once (the cloud asked for each), sweep tau, pick, print, save."""
+    if args.n < 1:
+        parser.error("-n must be >= 1")
+    config = dataclasses.replace(config_from_args(parser, args), tau=calibrate.NEVER_EXIT)
+    target, value = next(
+        (name, getattr(args, f"target_{name}"))
+        for name in ("exit_rate", "agreement", "accuracy")
+        if getattr(args, f"target_{name}") is not None
+    )
+    try:
+        questions = load_questions(args.questions, args.n)
+    except (OSError, ValueError, KeyError) as error:
+        parser.error(f"--questions {args.questions}: {error}")
+    if args.cloud is None and target != "exit_rate":
+        parser.error(f"--target-{target.replace('_', '-')} needs --cloud (the cloud's answers)")
+    model, cloud = open_model_and_cloud(parser, args)
+    with Cascade(model, cloud, config) as cascade:
+        try:
+            observations = calibrate.observe(
+                cascade, ((q.image, q.prompt, q.answer) for q in progress_of(questions))
+            )
+        except CloudError as error:
+            print(f"stitch-edge: cloud failed: {error}", file=sys.stderr)
+            return EXIT_CLOUD_FAILED
+        finally:
+            if cloud is not None:
+                cloud.close()
+    rows = calibrate.sweep(observations)
+    try:
+        chosen = calibrate.pick(rows, target, value)
+    except ValueError as error:
+        print(f"stitch-edge: {error}", file=sys.stderr)
+        print(calibrate.table(rows))
+        return EXIT_CLOUD_FAILED
+    out = args.out or args.model / calibrate.CALIBRATION_FILE
+    result = calibrate.Calibration(
+        tau=chosen.tau,
+        target=target,
+        target_value=value,
+        questions=len(observations),
+        retention=config.retention,
+        chosen=chosen,
+        sweep=rows,
+    )
+    calibrate.save(result, out)
+    print(calibrate.table(rows, chosen))
+    print(
+        f"\ntau = {chosen.tau:.4f} for {target} {value:g}: exit rate {chosen.exit_rate:.3f}, "
+        f"cloud load {chosen.cloud_load:.3f} on {len(observations)} questions; written to {out}"
+    )
+    return EXIT_OK
+
+
+def progress_of(questions: list) -> Iterator:
+    """The questions, with a progress line on stderr every tenth of the way."""
+    step = max(1, len(questions) // 10)
+    for i, question in enumerate(questions, 1):
+        yield question
+        if i % step == 0 or i == len(questions):
+            print(f"calibrate: {i}/{len(questions)} questions", file=sys.stderr, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return ask(args.command_parser, args)  # "ask" is the one command; argparse refuses any other
+    return args.run(args.command_parser, args)
 
 
 if __name__ == "__main__":
