@@ -18,7 +18,7 @@ from .layout import Layout
 class Timings:
     """Where one cloud answer spent its time, in milliseconds."""
 
-    queue_ms: float = 0.0  # waiting for a generation slot
+    queue_ms: float = 0.0  # admitted, waiting to join the running batch
     vision_ms: float = 0.0  # preprocessing + vision tower + projector
     prefill_ms: float = 0.0  # decoder prefill
     decode_ms: float = 0.0  # all decode steps
