@@ -14,6 +14,12 @@ thrown away after training, so the saved checkpoints are plain
 
 Nothing here touches the language model's attention: which tokens it reads
 for a question (what SGP's scores measure) is learned from the answers alone.
+
+Each task family has its attributes (``attributes_of``): the basic family's
+colour, shape and digit; the crowded family adds the object's size, and its
+two-digit numbers label each token with the digit on its side of the object's
+centre (the tens digit left, the units digit right). Colour comes first and the
+digit last in every family; ``attribute_loss`` relies on that order.
 """
 
 from __future__ import annotations
@@ -30,20 +36,35 @@ from stitchvlm.shared.synthetic import COLOURS, DIGITS, SHAPES, Example
 
 # One head per attribute; class 0 of each is "no object here" (or, for digits, "no digit").
 ATTRIBUTES = {"colour": tuple(COLOURS), "shape": SHAPES, "digit": DIGITS}
+CROWDED_ATTRIBUTES = {"colour": tuple(COLOURS), "shape": SHAPES, "size": ("small", "large"), "digit": DIGITS}
+_FAMILY_ATTRIBUTES = {"basic": ATTRIBUTES, "crowded": CROWDED_ATTRIBUTES}
+
+
+def attributes_of(family: str) -> dict[str, tuple[str, ...]]:
+    """The attributes the grounding heads predict for a task family (colour first, digit last)."""
+    return _FAMILY_ATTRIBUTES[family]
+
+
 # A token is labelled with an object when they share at least this fraction of the smaller of
 # the two boxes (token, object); below it the token is background.
 MIN_OVERLAP = 0.25
+# The crowded family's objects sit on the corner of 4 grid tokens; a small one (24 px, +-2 px jitter)
+# covers as little as 10 x 10 px of a token, 0.17 of the object.
+CROWDED_MIN_OVERLAP = 0.15
 
 
 def token_targets(example: Example, layout: Layout) -> np.ndarray:
-    """``[num_visual_tokens, 3]`` int64: colour, shape, digit class of the object under each token.
+    """``[num_visual_tokens, len(attributes)]`` int64: the attribute classes of the object under each token.
 
     Each token takes the object whose box overlaps its image region most; classes
-    are 1 + the index in ``ATTRIBUTES``, 0 for background (and for objects without a digit).
+    are 1 + the index in ``attributes_of(example.family)``, 0 for background (and for
+    objects without a digit). A two-digit number gives a token the digit on its side of
+    the object's centre.
     """
+    attributes = attributes_of(example.family)
     width, height = example.image.size
     regions = token_regions(layout, width, height).astype(np.float64)  # [V, 4]
-    targets = np.zeros((len(regions), len(ATTRIBUTES)), dtype=np.int64)
+    targets = np.zeros((len(regions), len(attributes)), dtype=np.int64)
     if not example.objects:
         return targets
     boxes = np.array([o.box for o in example.objects], dtype=np.float64)  # [O, 4]
@@ -59,28 +80,36 @@ def token_targets(example: Example, layout: Layout) -> np.ndarray:
     box_area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])  # [O]
     share = overlap / np.minimum(region_area[:, None], box_area[None, :])  # [V, O]
     best = share.argmax(axis=1)  # [V]
-    covered = share[np.arange(len(regions)), best] >= MIN_OVERLAP  # [V]
+    least = MIN_OVERLAP if example.family == "basic" else CROWDED_MIN_OVERLAP
+    covered = share[np.arange(len(regions)), best] >= least  # [V]
     for token in np.flatnonzero(covered):
         obj = example.objects[best[token]]
-        targets[token, 0] = 1 + ATTRIBUTES["colour"].index(obj.colour)
-        targets[token, 1] = 1 + ATTRIBUTES["shape"].index(obj.shape)
-        targets[token, 2] = 0 if obj.digit is None else 1 + ATTRIBUTES["digit"].index(obj.digit)
+        for column, name in enumerate(attributes):
+            if name == "digit":
+                digit = obj.digit
+                if digit is not None and len(digit) == 2:  # tens left of the centre, units right
+                    digit = digit[int((regions[token, 0] + regions[token, 2]) / 2 >= obj.centre[0])]
+                targets[token, column] = 0 if digit is None else 1 + DIGITS.index(digit)
+            else:
+                targets[token, column] = 1 + attributes[name].index(getattr(obj, name))
     return targets
 
 
 def attribute_loss(logits: Sequence[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
-    """Mean of three cross-entropies, each over the tokens where its attribute is defined.
+    """Mean of one cross-entropy per attribute, each over the tokens where it is defined.
 
-    logits: colour, shape, digit, each [batch * V, 1 + classes]; targets: [batch, V, 3].
-    Colour over every token (class 0: background), shape over the tokens that cover an
-    object, digit over those whose object carries a digit. Averaged over all tokens
+    logits: colour, ..., digit, each [batch * V, 1 + classes]; targets: [batch, V, attributes].
+    Colour (first) over every token (class 0: background), the middle attributes (shape,
+    size) over the tokens that cover an object, digit (last) over those whose object carries
+    a digit. Averaged over all tokens
     instead, background (about 90% of them) would drown the digits, and the models
     never learned to read them.
     """
     targets = targets.reshape(-1, targets.shape[-1])  # [batch * V, 3]
-    on_object, on_digit = targets[:, 0] > 0, targets[:, 2] > 0  # [batch * V]
+    last = targets.shape[-1] - 1  # the digit column
+    on_object, on_digit = targets[:, 0] > 0, targets[:, last] > 0  # [batch * V]
     losses = [nn.functional.cross_entropy(logits[0], targets[:, 0])]
-    for i, where in ((1, on_object), (2, on_digit)):
+    for i, where in [*((i, on_object) for i in range(1, last)), (last, on_digit)]:
         if where.any():
             losses.append(nn.functional.cross_entropy(logits[i][where], targets[where, i]))
     return torch.stack(losses).mean()
@@ -90,7 +119,8 @@ def attribute_accuracy(logits: Sequence[torch.Tensor], targets: torch.Tensor) ->
     """Share of tokens whose shape / digit the heads name right, where ``attribute_loss`` scores them."""
     targets = targets.reshape(-1, targets.shape[-1])  # [batch * V, 3]
     out = {}
-    for i, name, where in ((1, "shape", targets[:, 0] > 0), (2, "digit", targets[:, 2] > 0)):
+    last = targets.shape[-1] - 1  # the digit column
+    for i, name, where in ((1, "shape", targets[:, 0] > 0), (last, "digit", targets[:, last] > 0)):
         hits = logits[i][where].argmax(-1) == targets[where, i]
         out[f"{name}_acc"] = hits.float().mean().item() if where.any() else float("nan")
     return out
@@ -99,9 +129,9 @@ def attribute_accuracy(logits: Sequence[torch.Tensor], targets: torch.Tensor) ->
 class GroundingHeads(nn.Module):
     """Linear probes from a visual token's embedding to its colour, shape and digit classes."""
 
-    def __init__(self, hidden_size: int):
+    def __init__(self, hidden_size: int, attributes: dict[str, Sequence[str]] = ATTRIBUTES):
         super().__init__()
-        self.heads = nn.ModuleList(nn.Linear(hidden_size, 1 + len(v)) for v in ATTRIBUTES.values())
+        self.heads = nn.ModuleList(nn.Linear(hidden_size, 1 + len(v)) for v in attributes.values())
 
     def logits(self, visual_embeds: torch.Tensor) -> list[torch.Tensor]:
         """Colour, shape, digit logits, each [batch * V, 1 + classes]; visual_embeds: [batch, V, hidden]."""
@@ -121,14 +151,15 @@ class TiedGroundingHeads(nn.Module):
     def __init__(self, embed_tokens: nn.Embedding, word_ids: dict[str, Sequence[int]]):
         super().__init__()
         self.embed_tokens = embed_tokens  # shared with the model, not a copy
-        self.word_ids = {name: torch.tensor(list(word_ids[name])) for name in ATTRIBUTES}
-        self.nothing = nn.Parameter(torch.zeros(len(ATTRIBUTES), embed_tokens.embedding_dim))
+        # word_ids: attribute -> the answer token of each class, in the order of the targets' columns
+        self.word_ids = {name: torch.tensor(list(ids)) for name, ids in word_ids.items()}
+        self.nothing = nn.Parameter(torch.zeros(len(word_ids), embed_tokens.embedding_dim))
 
     def logits(self, visual_embeds: torch.Tensor) -> list[torch.Tensor]:
         """As ``GroundingHeads.logits``."""
         flat = visual_embeds.reshape(-1, visual_embeds.shape[-1])  # [batch * V, hidden]
         logits = []
-        for i, name in enumerate(ATTRIBUTES):
+        for i, name in enumerate(self.word_ids):
             classes = torch.cat([self.nothing[i : i + 1], self.embed_tokens.weight[self.word_ids[name]]])
             logits.append(flat @ classes.T)  # [batch * V, 1 + classes]
         return logits
@@ -155,5 +186,5 @@ class ProjectorTap:
 
 
 def stack_targets(targets: Sequence[np.ndarray]) -> torch.Tensor:
-    """[batch, V, 3] from each example's ``token_targets`` (one image size, so one V)."""
+    """[batch, V, attributes] from each example's ``token_targets`` (one image size, so one V)."""
     return torch.from_numpy(np.stack(targets))

@@ -23,6 +23,21 @@ exact match, greedy, ``--max-new-tokens`` 4), in one process:
     computed from the large model's full generation (one eager teacher-forced
     pass over prompt + generated answer with ``output_attentions``; by
     causality the same probabilities as prefill + decode steps).
+- **the paper's operating points** (DESIGN "The paper's token ratio"): K at the
+  paper's fraction of depth (2/48, 9/48, 19/48 of the large model's L layers,
+  rounded to a layer and at least 1 so that FastV has a layer to read) with
+  r = 5%, 20%, 40% kept from layer K on; each (K, r) point runs its own
+  ``SGPModel`` (the cloud keeps K a server setting). Reported: the
+  layer-averaged token ratio ``(K + (L - K) k / |V|) / L`` (k the kept count),
+  the FLOP ratio to the unpruned large model, and for sgp, sgp_prefill, fastv
+  (at K - 1 of that point), random and oracle the accuracy with its standard
+  error; columns ``<method>_p9``, ``_p35``, ``_p64`` (named after the paper's
+  ratios, whatever this model's ratio comes out).
+- **ranking quality apart from accuracy**, per operating point: the overlap of
+  each method's top-r set with the oracle's (share of the oracle's k tokens it
+  also keeps) and the Spearman rank correlation of its scores with the
+  oracle's over all |V| tokens (``overlap_<method>_<p>``,
+  ``spearman_<method>_<p>``).
 - **SEE cascade**: for every threshold tau (each distinct gate value, so the
   sweep is exact), exit rate = share with ``gate >= tau``; cascade accuracy =
   the small model's answer when it exits, else large + sgp at
@@ -44,6 +59,7 @@ is one JSON object. It neither trains nor exports by itself (the ONNX export is
 
     python bench/quality.py                       # the embedded pair, n = 300
     python bench/quality.py --n 40 --small DIR --large DIR
+    python bench/quality.py --family crowded --small runs/crowded-pair/crowded-small --large ...
 """
 
 from __future__ import annotations
@@ -75,7 +91,14 @@ from stitchvlm.shared.model_files import ModelFiles
 from stitchvlm.shared.preprocess import preprocess_image
 from stitchvlm.shared.prompt import PromptIds, build_prompt, decode_answer
 from stitchvlm.shared.scoring import confidence_score, consistency_score, keep_count, top_r_indices
-from stitchvlm.shared.synthetic import QTYPES, Example, exact_match, iter_dataset
+from stitchvlm.shared.synthetic import (
+    DEFAULT_FAMILY,
+    FAMILIES,
+    Example,
+    exact_match,
+    family_qtypes,
+    iter_dataset,
+)
 
 RETENTIONS = (0.64, 0.35, 0.09)
 # method -> what the table calls it; every method runs at every R in RETENTIONS
@@ -87,6 +110,17 @@ PRUNED_METHODS = {
     "random": "random tokens, K",
     "oracle": "oracle: large model's own A, K",
 }
+# The paper's operating points on the 48-layer InternVL2-26B: name -> (K / 48, r).
+PAPER_POINTS = {"p9": (2 / 48, 0.05), "p35": (9 / 48, 0.20), "p64": (19 / 48, 0.40)}
+PAPER_METHODS = {
+    "sgp": "SGP: small model's A",
+    "sgp_prefill": "SGP: small model's A^P only",
+    "fastv": "FastV: large model's layer K-1 attention",
+    "random": "random tokens",
+    "oracle": "oracle: large model's own A",
+}
+RANKED_METHODS = ("sgp", "sgp_prefill", "fastv", "random")  # compared with the oracle's ranking
+MAX_NEW_TOKENS = {"basic": 4, "crowded": 6}  # one word or digit / two digits or two words, plus EOS
 GATES = ("combined", "confidence", "consistency")
 CURVE = ("tau", "exit_rate", "accuracy", "relative_compute")  # what a SEE curve lists per point
 
@@ -106,12 +140,17 @@ class QualityConfig:
     prune_layer: int = 2  # K of the pruned large model (>= 1: FastV needs layer K - 1)
     cascade_retention: float = 0.09  # R of the escalated requests in the SEE sweep
     consistency_retention: float = DEFAULT_CONSISTENCY_RETENTION  # r_c of S_cons
-    max_new_tokens: int = 4  # answers are one word or digit plus EOS
+    max_new_tokens: int | None = None  # None: MAX_NEW_TOKENS of the family
     random_seed: int = 0  # seed of the random-token baseline
     out_dir: Path = Path("bench/results")  # tables, plots, records
     cache_dir: Path | None = None  # ONNX export cache; None: the demo's default
+    family: str = DEFAULT_FAMILY  # task family of the test split (synthetic.FAMILIES)
 
     def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown task family {self.family!r}; expected one of {FAMILIES}")
+        if self.max_new_tokens is None:
+            object.__setattr__(self, "max_new_tokens", MAX_NEW_TOKENS[self.family])
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
         if self.prune_layer < 1:
@@ -143,6 +182,44 @@ def global_attention_scores(attentions: np.ndarray, visual_start: int, visual_en
     every query q after the image (q >= visual_end). Returns [|V|] float64.
     """
     return attentions[:, :, visual_end:, visual_start:visual_end].astype(np.float64).sum(axis=(0, 1, 2))
+
+
+def paper_layer(fraction: float, num_layers: int) -> int:
+    """K at ``fraction`` of depth: rounded to a layer, at least 1 (FastV reads layer K - 1)."""
+    return min(num_layers, max(1, round(fraction * num_layers)))
+
+
+def token_ratio(prune_layer: int, num_layers: int, kept: int, num_visual: int) -> float:
+    """The paper's layer-averaged token ratio: every visual token in layers 0..K-1, ``kept`` of
+    ``num_visual`` from layer K on, averaged over the ``num_layers`` layers."""
+    return (prune_layer + (num_layers - prune_layer) * kept / num_visual) / num_layers
+
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 0..n-1 of ``x`` [n], ties sharing the mean of the ranks they span."""
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    starts = np.cumsum(counts) - counts
+    return (starts + (counts - 1) / 2)[inverse]
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation of two score vectors [n] (ties averaged); nan when one is constant."""
+    ra, rb = average_ranks(np.asarray(a)), average_ranks(np.asarray(b))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denominator = np.sqrt((ra * ra).sum() * (rb * rb).sum())
+    return float((ra * rb).sum() / denominator) if denominator > 0 else float("nan")
+
+
+def top_overlap(scores: np.ndarray, reference: np.ndarray, retention: float) -> float:
+    """Share of ``reference``'s top-R set (DESIGN's selection) that ``scores``' top-R set also holds."""
+    kept, wanted = top_r_indices(scores, retention), top_r_indices(reference, retention)
+    return len(np.intersect1d(kept, wanted)) / len(wanted)
+
+
+def standard_error(correct: np.ndarray) -> float:
+    """Standard error of a mean of 0/1 outcomes [n]: sqrt(p (1 - p) / n)."""
+    p = float(np.mean(correct))
+    return float(np.sqrt(p * (1 - p) / len(correct)))
 
 
 def random_scores(num_visual: int, random_seed: int, index: int) -> np.ndarray:
@@ -254,6 +331,10 @@ class TorchVLM:
         self.sgp_k0 = SGPModel(model, 0)  # pruned before the first layer
         self.model = model
         self.prune_layer = self.sgp.prune_layer
+        self.num_layers = self.sgp.num_layers
+        # the paper's operating points: name -> K on this model's depth, each K its own SGPModel
+        self.paper_layers = {name: paper_layer(f, self.num_layers) for name, (f, _) in PAPER_POINTS.items()}
+        self.sgp_at = {k: SGPModel(model, k) for k in sorted(set(self.paper_layers.values()))}
 
     def prepare(self, example: Example) -> LargeInput:
         pixel_values, layout = preprocess_image(example.image, self.files.tiling)
@@ -272,25 +353,34 @@ class TorchVLM:
             torch.from_numpy(keep_visual),
         )
 
-    def generate(self, inp: LargeInput, keep_visual: np.ndarray | None, max_new_tokens: int, k0=False):
-        """Greedy token ids with ``keep_visual`` (ascending visual indices; None = all) from layer K (or 0)."""
-        sgp = self.sgp_k0 if k0 else self.sgp
+    def generate(
+        self, inp: LargeInput, keep_visual: np.ndarray | None, max_new_tokens: int, k0=False, layer=None
+    ):
+        """Greedy token ids with ``keep_visual`` (ascending visual indices; None = all) from layer K
+        (or 0 with ``k0``, or ``layer``, one of ``paper_layers``' values)."""
+        sgp = self.sgp_k0 if k0 else (self.sgp if layer is None else self.sgp_at[layer])
         keep = self.keep_positions(inp, keep_visual)
         return sgp.generate(inp.inputs_embeds, keep, max_new_tokens, self.files.eos_token_ids).token_ids
 
     @torch.inference_mode()
-    def attention_scores(self, inp: LargeInput, answer: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """(FastV scores, oracle scores), each [|V|], from one eager pass over prompt + answer[:-1]."""
-        prompt = inp.prompt
+    def attention_maps(self, inp: LargeInput, answer: Sequence[int]) -> np.ndarray:
+        """[layers, heads, T, T] attention of one eager pass over prompt + answer[:-1] (T = S + N - 1)."""
         fed = torch.tensor(list(answer[:-1]), dtype=torch.long)[None]  # [1, N-1]
         embeds = torch.cat([inp.inputs_embeds, self.model.model.language_model.embed_tokens(fed)], dim=1)
         out = self.model.model.language_model(inputs_embeds=embeds, output_attentions=True)
-        attentions = torch.cat(out.attentions).float().numpy()  # [layers, heads, T, T]
+        return torch.cat(out.attentions).float().numpy()
+
+    def fastv_at(self, inp: LargeInput, attentions: np.ndarray, layer: int) -> np.ndarray:
+        """FastV's ranking [|V|] for pruning from ``layer``: layer - 1's last prompt position."""
+        prompt = inp.prompt
         last_prompt = len(prompt.input_ids) - 1
-        fastv = fastv_scores(
-            attentions[self.prune_layer - 1], last_prompt, prompt.visual_start, prompt.visual_end
-        )
-        return fastv, global_attention_scores(attentions, prompt.visual_start, prompt.visual_end)
+        return fastv_scores(attentions[layer - 1], last_prompt, prompt.visual_start, prompt.visual_end)
+
+    def attention_scores(self, inp: LargeInput, answer: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(FastV scores at K, oracle scores), each [|V|], from one eager pass over prompt + answer[:-1]."""
+        attentions = self.attention_maps(inp, answer)
+        oracle = global_attention_scores(attentions, inp.prompt.visual_start, inp.prompt.visual_end)
+        return self.fastv_at(inp, attentions, self.prune_layer), oracle
 
 
 # ----------------------------------------------------------------------------- one example
@@ -305,7 +395,9 @@ def evaluate_example(
     answers = {"small": small.answer}
     full = large.generate(inp, None, config.max_new_tokens)
     answers["large"] = decode_answer(large.files, full)
-    fastv, oracle = large.attention_scores(inp, full)
+    attentions = large.attention_maps(inp, full)
+    oracle = global_attention_scores(attentions, inp.prompt.visual_start, inp.prompt.visual_end)
+    fastv = large.fastv_at(inp, attentions, large.prune_layer)
     ranked = {
         "sgp": small.scores,
         "sgp_prefill": small.prefill_scores,
@@ -319,6 +411,18 @@ def evaluate_example(
             keep = top_r_indices(scores, retention)
             ids = large.generate(inp, keep, config.max_new_tokens, k0=method == "sgp_k0")
             answers[key(method, retention)] = decode_answer(large.files, ids)
+    ranking = {}
+    for point, (_, retention) in PAPER_POINTS.items():
+        layer = large.paper_layers[point]
+        at_point = {**ranked, "fastv": large.fastv_at(inp, attentions, layer)}
+        for method in PAPER_METHODS:
+            ids = large.generate(
+                inp, top_r_indices(at_point[method], retention), config.max_new_tokens, layer=layer
+            )
+            answers[f"{method}_{point}"] = decode_answer(large.files, ids)
+        for method in RANKED_METHODS:
+            ranking[f"overlap_{method}_{point}"] = top_overlap(at_point[method], oracle, retention)
+            ranking[f"spearman_{method}_{point}"] = spearman(at_point[method], oracle)
     return {
         "index": index,
         "qtype": example.qtype,
@@ -328,6 +432,7 @@ def evaluate_example(
         "s_cons": small.s_cons,
         "answers": answers,
         "correct": {name: exact_match(text, example.answer) for name, text in answers.items()},
+        "ranking": ranking,
     }
 
 
@@ -343,6 +448,10 @@ def measure_costs(example: Example, large: TorchVLM, config: QualityConfig) -> d
         costs[key("sgp", retention)] = vision + count_flops(
             lambda k=keep: large.sgp.prefill(inp.inputs_embeds, k)
         )
+    for point, (_, retention) in PAPER_POINTS.items():
+        keep = large.keep_positions(inp, np.arange(keep_count(retention, num_visual)))
+        sgp = large.sgp_at[large.paper_layers[point]]
+        costs[f"sgp_{point}"] = vision + count_flops(lambda k=keep, m=sgp: m.prefill(inp.inputs_embeds, k))
     small = TorchVLM(config.small_dir, prune_layer=1)  # the ONNX graphs' PyTorch twin, for counting only
     s_inp = small.prepare(example)
     s_pixels = torch.from_numpy(preprocess_image(example.image, small.files.tiling)[0])
@@ -359,16 +468,57 @@ def measure_costs(example: Example, large: TorchVLM, config: QualityConfig) -> d
 # ----------------------------------------------------------------------------- summary
 
 
-def summarize(records: Sequence[dict], costs: dict[str, float], config: QualityConfig) -> dict:
-    """Accuracies, per question type, the three gates' sweeps and their best points at 1 point."""
+def paper_points(large: TorchVLM, num_visual: int, costs: dict[str, float]) -> dict[str, dict]:
+    """Each operating point's K, r, kept count, layer-averaged token ratio and FLOP ratio on this model."""
+    points = {}
+    for point, (fraction, retention) in PAPER_POINTS.items():
+        layer, kept = large.paper_layers[point], keep_count(retention, num_visual)
+        points[point] = {
+            "depth_fraction": fraction,
+            "layer": layer,
+            "num_layers": large.num_layers,
+            "retention": retention,
+            "kept": kept,
+            "num_visual": num_visual,
+            "token_ratio": token_ratio(layer, large.num_layers, kept, num_visual),
+            "flop_ratio": costs[f"sgp_{point}"] / costs["large"],
+        }
+    return points
+
+
+def summarize(
+    records: Sequence[dict], costs: dict[str, float], config: QualityConfig, points: dict | None = None
+) -> dict:
+    """Accuracies with standard errors, per question type, ranking agreement with the oracle, the
+    three gates' sweeps and their best points at 1 point."""
     names = list(records[0]["correct"])
     correct = {name: np.array([r["correct"][name] for r in records]) for name in names}  # each [n]
     accuracy = {name: float(c.mean()) for name, c in correct.items()}
+    stderr = {name: standard_error(c) for name, c in correct.items()}
     qtypes = np.array([r["qtype"] for r in records])
     per_qtype = {
-        name: {q: float(correct[name][qtypes == q].mean()) for q in QTYPES if (qtypes == q).any()}
+        name: {
+            q: float(correct[name][qtypes == q].mean())
+            for q in family_qtypes(config.family)
+            if (qtypes == q).any()
+        }
         for name in names
     }
+    ranking = {}
+    for name in records[0].get("ranking", {}):
+        values = np.array(
+            [r["ranking"][name] for r in records], dtype=np.float64
+        )  # [n], nan: constant scores
+        values = values[~np.isnan(values)]
+        mean = float(values.mean()) if len(values) else float("nan")
+        se = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
+        ranking[name] = {"mean": mean, "se": se}
+    paired = {}  # SGP minus FastV per operating point, paired over examples
+    for point in PAPER_POINTS:
+        if f"sgp_{point}" in correct:
+            diff = correct[f"sgp_{point}"].astype(float) - correct[f"fastv_{point}"].astype(float)
+            se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+            paired[point] = {"sgp_minus_fastv": float(diff.mean()), "se": se}
     s_conf = np.array([r["s_conf"] for r in records])
     s_cons = np.array([r["s_cons"] for r in records])
     gates = {"combined": (s_conf + s_cons) / 2, "confidence": s_conf, "consistency": s_cons}
@@ -383,7 +533,17 @@ def summarize(records: Sequence[dict], costs: dict[str, float], config: QualityC
             curve = {name: [float(v) for v in column] for name, column in zip(CURVE, columns, strict=True)}
             curve["best"] = None if best is None else {name: curve[name][best] for name in CURVE}
             see[f"{gate}/{label}"] = curve
-    return {"n": len(records), "accuracy": accuracy, "per_qtype": per_qtype, "see": see, "costs": costs}
+    return {
+        "n": len(records),
+        "accuracy": accuracy,
+        "stderr": stderr,
+        "per_qtype": per_qtype,
+        "ranking": ranking,
+        "paired": paired,
+        "points": points or {},
+        "see": see,
+        "costs": costs,
+    }
 
 
 def headline(summary: dict, config: QualityConfig, seconds: float) -> dict:
@@ -397,6 +557,12 @@ def headline(summary: dict, config: QualityConfig, seconds: float) -> dict:
     out["exit_rate_at_1pt_unpruned"] = best["combined/unpruned"].get("exit_rate")
     out["cascade_retention"] = config.cascade_retention
     out["prune_layer"] = config.prune_layer
+    out["family"] = config.family
+    out.update({name: round(value["mean"], 4) for name, value in summary["ranking"].items()})
+    for point, geometry in summary["points"].items():
+        out[f"layer_{point}"] = geometry["layer"]
+        out[f"token_ratio_{point}"] = round(geometry["token_ratio"], 4)
+        out[f"flop_ratio_{point}"] = round(geometry["flop_ratio"], 4)
     out["seconds"] = round(seconds, 1)
     return out
 
@@ -430,8 +596,9 @@ def markdown(summary: dict, config: QualityConfig, meta: dict) -> str:
         "| --- | ---: |",
         f"| large, all visual tokens | {pct(large)} |",
         f"| small, all visual tokens | {pct(acc['small'])} |",
+        *paper_markdown(summary, config),
         "",
-        "## Large model with R of its visual tokens",
+        f"## Large model with R of its visual tokens kept from layer K = {k} (fixed K, kept fraction R)",
         "",
         "Accuracy %, in parentheses the share of the unpruned large model's accuracy.",
         "",
@@ -446,15 +613,86 @@ def markdown(summary: dict, config: QualityConfig, meta: dict) -> str:
             cells.append(f"{pct(value)}{share}")
         label = label if label.endswith("K = 0") else label.replace(", K", f", K = {k}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", *verdict(acc), "", "## Per question type at R = 9%", ""]
-    shown = ["large", "small", key("sgp", 0.09), key("fastv", 0.09), key("random", 0.09), key("oracle", 0.09)]
-    present = [q for q in QTYPES if q in summary["per_qtype"]["large"]]
-    lines += ["| | " + " | ".join(present) + " |", "| --- | " + " | ".join("---:" for _ in present) + " |"]
+    lines += ["", *verdict(acc)]
+    for title, suffix in ((f"R = 9%, K = {k}", "r9"), ("the paper's 9% point", "p9")):
+        shown = [
+            "large",
+            "small",
+            *(f"{m}_{suffix}" for m in ("sgp", "sgp_prefill", "fastv", "random", "oracle")),
+        ]
+        lines += ["", f"## Per question type at {title}", "", *per_qtype_table(summary, config, shown)]
+    lines += see_markdown(summary, config)
+    return "\n".join(lines) + "\n"
+
+
+def per_qtype_table(summary: dict, config: QualityConfig, shown: Sequence[str]) -> list[str]:
+    present = [q for q in family_qtypes(config.family) if q in summary["per_qtype"]["large"]]
+    lines = ["| | " + " | ".join(present) + " |", "| --- | " + " | ".join("---:" for _ in present) + " |"]
     for name in shown:
         per = summary["per_qtype"][name]
         lines.append(f"| {name} | " + " | ".join(pct(per.get(q)) for q in present) + " |")
-    lines += see_markdown(summary, config)
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def with_se(summary: dict, name: str) -> str:
+    acc, large = summary["accuracy"], summary["accuracy"]["large"]
+    share = f" ({100 * acc[name] / large:.0f}%)" if large > 0 else ""
+    return f"{pct(acc[name])} ± {100 * summary['stderr'][name]:.1f}{share}"
+
+
+def paper_markdown(summary: dict, config: QualityConfig) -> list[str]:
+    """The paper's operating points: accuracy ± standard error, ranking agreement, SGP - FastV."""
+    points = summary["points"]
+    if not points:
+        return []
+    lines = [
+        "",
+        "## The paper's operating points (layer-averaged token ratio)",
+        "",
+        "K at the paper's fraction of the large model's depth (2/48, 9/48, 19/48 of its "
+        f"{next(iter(points.values()))['num_layers']} layers, rounded, at least 1), r kept from layer K on; "
+        "token ratio = (K + (L - K) k / |V|) / L; FLOPs relative to the unpruned large model (vision + prompt "
+        "pass). Accuracy % ± standard error, in parentheses the share of the unpruned large model's accuracy.",
+        "",
+        "| kept tokens chosen by | "
+        + " | ".join(
+            f"{point}: K = {g['layer']}, r = {round(100 * g['retention'])}% ({g['kept']} of {g['num_visual']}), "
+            f"ratio {100 * g['token_ratio']:.1f}%, FLOPs {g['flop_ratio']:.3f}"
+            for point, g in points.items()
+        )
+        + " |",
+        "| --- | " + " | ".join("---:" for _ in points) + " |",
+        "| large, all visual tokens | " + " | ".join(with_se(summary, "large") for _ in points) + " |",
+    ]
+    for method, label in PAPER_METHODS.items():
+        lines.append(f"| {label} | " + " | ".join(with_se(summary, f"{method}_{p}") for p in points) + " |")
+    lines += [
+        "",
+        "Ranking agreement with the oracle (the large model's own A): overlap of the top-r sets "
+        "(share of the oracle's k tokens also kept) / Spearman rank correlation over all |V| tokens, "
+        "mean ± standard error over examples.",
+        "",
+        "| ranking | " + " | ".join(points) + " |",
+        "| --- | " + " | ".join("---" for _ in points) + " |",
+    ]
+    ranking = summary["ranking"]
+    for method in RANKED_METHODS:
+        cells = []
+        for p in points:
+            o, r = ranking[f"overlap_{method}_{p}"], ranking[f"spearman_{method}_{p}"]
+            cells.append(f"{o['mean']:.3f} ± {o['se']:.3f} / {r['mean']:.3f} ± {r['se']:.3f}")
+        lines.append(f"| {PAPER_METHODS[method]} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for p, d in summary["paired"].items():
+        relation = (
+            "above" if d["sgp_minus_fastv"] > 0 else ("level with" if d["sgp_minus_fastv"] == 0 else "below")
+        )
+        lines.append(
+            f"- {p}: SGP {pct(summary['accuracy'][f'sgp_{p}'])} is {relation} FastV "
+            f"{pct(summary['accuracy'][f'fastv_{p}'])}: difference {100 * d['sgp_minus_fastv']:+.1f} ± "
+            f"{100 * d['se']:.1f} points (paired standard error)."
+        )
+    return lines
 
 
 def verdict(acc: dict) -> list[str]:
@@ -566,7 +804,33 @@ def plot(summary: dict, config: QualityConfig, out_dir: Path) -> list[Path]:
     paths.append(out_dir / "quality_see.png")
     fig.savefig(paths[1], dpi=120)
     plt.close(fig)
+    if summary["points"]:
+        paths.append(plot_paper_points(summary, out_dir, plt))
     return paths
+
+
+def plot_paper_points(summary: dict, out_dir: Path, plt) -> Path:
+    """quality_paper.png: accuracy (± standard error) vs the layer-averaged token ratio of each point."""
+    acc, se, points = summary["accuracy"], summary["stderr"], summary["points"]
+    xs = [100 * g["token_ratio"] for g in points.values()]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for method, label in PAPER_METHODS.items():
+        ys = [100 * acc[f"{method}_{p}"] for p in points]
+        errors = [100 * se[f"{method}_{p}"] for p in points]
+        ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=label)
+    ax.axhline(100 * acc["large"], color="black", linestyle="--", label="large, all tokens")
+    ax.axhline(100 * acc["small"], color="gray", linestyle=":", label="small, all tokens")
+    ks = ", ".join(f"{p}: K = {g['layer']}, r = {round(100 * g['retention'])}%" for p, g in points.items())
+    ax.set(
+        xlabel="layer-averaged visual token ratio %", ylabel="accuracy %", title=f"The paper's points ({ks})"
+    )
+    ax.title.set_fontsize(8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / "quality_paper.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -590,13 +854,14 @@ def run(config: QualityConfig) -> dict:
     edge = EdgeModel.load(edge_dir, providers=[CPU])
     large = TorchVLM(config.large_dir, config.prune_layer)
     records, costs = [], None
-    for index, example in enumerate(iter_dataset("test", config.n, config.seed)):
+    for index, example in enumerate(iter_dataset("test", config.n, config.seed, family=config.family)):
         if costs is None:
             costs = measure_costs(example, large, config)
+            points = paper_points(large, large.prepare(example).prompt.num_visual_tokens, costs)
         records.append(evaluate_example(index, example, edge, large, config))
         if (index + 1) % 10 == 0 or index + 1 == config.n:
             progress(progress_line(records, config.n, time.perf_counter() - started))
-    summary = summarize(records, costs, config)
+    summary = summarize(records, costs, config, points)
     seconds = time.perf_counter() - started
     meta = {"date": time.strftime("%Y-%m-%d"), "seconds": seconds}
     (config.out_dir / "quality.md").write_text(markdown(summary, config, meta))
@@ -623,7 +888,10 @@ def parse_args(argv: Sequence[str] | None) -> QualityConfig:
     parser.add_argument("--seed", type=int, default=0, help="test split seed")
     parser.add_argument("--prune-layer", type=int, default=2, help="K (>= 1)")
     parser.add_argument("--cascade-retention", type=float, default=0.09, choices=RETENTIONS)
-    parser.add_argument("--max-new-tokens", type=int, default=4)
+    parser.add_argument(
+        "--family", choices=FAMILIES, default=DEFAULT_FAMILY, help="task family of the test split"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: 4 (basic), 6 (crowded)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--cache", type=Path, default=None, help="ONNX export cache (default: the demo's)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -644,6 +912,7 @@ def parse_args(argv: Sequence[str] | None) -> QualityConfig:
             max_new_tokens=args.max_new_tokens,
             out_dir=args.out,
             cache_dir=args.cache,
+            family=args.family,
         )
     except ValueError as error:
         parser.error(str(error))

@@ -50,7 +50,8 @@ from PIL import Image, ImageDraw, ImageFont
 IMAGE_SIZE = 448  # canvas side in px: 2 x 2 tiles of 224 px plus the thumbnail
 QTYPES = ("colour", "shape", "count", "digit", "spatial")
 SPLITS = ("train", "val", "test")
-FAMILIES = ("basic", "crowded")  # task families by name; "basic" is this module's, "crowded" synthetic_crowded's
+# Task families by name: "basic" is this module's, "crowded" synthetic_crowded's.
+FAMILIES = ("basic", "crowded")
 DEFAULT_FAMILY = "basic"
 # Salts of the per-split random streams: a seed means a different scene in each split.
 _SPLIT_KEYS = {"train": 0x5EED_0001, "val": 0x5EED_0002, "test": 0x5EED_0003}

@@ -129,6 +129,37 @@ def test_count_flops_counts_a_matmul():
     assert quality.count_flops(lambda: torch.nn.functional.linear(x, w)) == 120
 
 
+def test_paper_layer_and_token_ratio_reproduce_the_papers_points():
+    """Guards against the operating points drifting from the paper's: on its 48 layers, K = 2, 9, 19
+    with r = 5%, 20%, 40% average to 9%, 35%, 64% of the visual tokens; on shallow models K is
+    rounded and never below 1."""
+    ratios = []
+    for fraction, retention in quality.PAPER_POINTS.values():
+        layer = quality.paper_layer(fraction, 48)
+        ratios.append(round(100 * quality.token_ratio(layer, 48, retention * 1000, 1000)))
+    assert [quality.paper_layer(f, 48) for f, _ in quality.PAPER_POINTS.values()] == [2, 9, 19]
+    assert ratios == [9, 35, 64]
+    assert [quality.paper_layer(f, 12) for f, _ in quality.PAPER_POINTS.values()] == [1, 2, 5]
+    assert quality.token_ratio(1, 12, 9, 192) == pytest.approx((1 + 11 * 9 / 192) / 12)
+
+
+def test_spearman_and_overlap_on_hand_numbers():
+    """Guards against a rank correlation that ignores ties or sign, and an overlap that counts the
+    wrong set: checked on vectors worked out by hand."""
+    a = np.array([0.1, 0.4, 0.3, 0.9])
+    assert quality.spearman(a, a * 10 + 1) == pytest.approx(1.0)
+    assert quality.spearman(a, -a) == pytest.approx(-1.0)
+    # ranks of [1, 2, 2, 3] are [0, 1.5, 1.5, 3]; of [1, 2, 3, 4] are [0, 1, 2, 3]: r = 4.5 / sqrt(4.5 * 5)
+    assert quality.spearman(np.array([1, 2, 2, 3]), np.array([1, 2, 3, 4])) == pytest.approx(
+        4.5 / np.sqrt(22.5)
+    )
+    assert np.isnan(quality.spearman(np.ones(4), a))
+    reference = np.array([5.0, 4.0, 3.0, 2.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0])  # top 40%: tokens 0-3
+    scores = np.array([5.0, 0.0, 3.0, 0.0, 9.0, 8.0, 0.0, 0.0, 0.0, 0.0])  # top 40%: 4, 5, 0, 2
+    assert quality.top_overlap(scores, reference, 0.4) == pytest.approx(0.5)
+    assert quality.standard_error(np.array([1, 0, 1, 0])) == pytest.approx(0.25)
+
+
 # ----------------------------------------------------------------------------- rankings vs transformers
 
 
@@ -198,14 +229,16 @@ def test_prefill_scores_equal_transformers_prompt_attention(tiny_edge, tiny_chec
 # ----------------------------------------------------------------------------- end to end
 
 
-def test_quality_end_to_end_on_tiny_checkpoints(tiny_checkpoint, tiny_large_checkpoint, tmp_path):
+@pytest.mark.parametrize(("family", "n"), [("basic", 4), ("crowded", 2)])
+def test_quality_end_to_end_on_tiny_checkpoints(family, n, tiny_checkpoint, tiny_large_checkpoint, tmp_path):
     """Guards against the script's outputs drifting from its records (the headline accuracy not
-    being the exact-match rate of the recorded answers), missing columns, or values out of range."""
+    being the exact-match rate of the recorded answers), missing columns, or values out of range,
+    for both task families."""
     out = tmp_path / "results"
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--n", "4", "--small", str(tiny_checkpoint)]
+        [sys.executable, str(SCRIPT), "--n", str(n), "--small", str(tiny_checkpoint)]
         + ["--large", str(tiny_large_checkpoint), "--out", str(out), "--cache", str(tmp_path / "cache")]
-        + ["--threads", "1"],
+        + ["--threads", "1", "--family", family],
         capture_output=True,
         text=True,
         timeout=300,
@@ -213,21 +246,36 @@ def test_quality_end_to_end_on_tiny_checkpoints(tiny_checkpoint, tiny_large_chec
     assert done.returncode == 0, done.stderr[-3000:]
     headline = json.loads(done.stdout.strip().splitlines()[-1])
     required = {"large", "small", "sgp_r9", "fastv_r9", "random_r9", "sgp_r35", "exit_rate_at_1pt"}
+    required |= {"sgp_p9", "fastv_p9", "random_p9", "oracle_p9", "sgp_p35", "sgp_p64"}
+    required |= {"overlap_sgp_p9", "overlap_fastv_p9", "overlap_random_p9", "spearman_sgp_p9"}
     assert required <= headline.keys()
     for method in quality.PRUNED_METHODS:
         for retention in quality.RETENTIONS:
             assert 0.0 <= headline[quality.key(method, retention)] <= 1.0
-    assert headline["n"] == 4
+    for method in quality.PAPER_METHODS:
+        for point in quality.PAPER_POINTS:
+            assert 0.0 <= headline[f"{method}_{point}"] <= 1.0
+    for method in quality.RANKED_METHODS:
+        for point in quality.PAPER_POINTS:
+            assert 0.0 <= headline[f"overlap_{method}_{point}"] <= 1.0
+            assert -1.0 <= headline[f"spearman_{method}_{point}"] <= 1.0
+    # tiny-large has 6 layers: K = max(1, round(6 * f)) = 1, 1, 2 for f = 2/48, 9/48, 19/48
+    assert [headline[f"layer_{p}"] for p in quality.PAPER_POINTS] == [1, 1, 2]
+    assert 0 < headline["flop_ratio_p9"] < headline["flop_ratio_p35"] < headline["flop_ratio_p64"] < 1
+    assert headline["token_ratio_p9"] < headline["token_ratio_p35"] < headline["token_ratio_p64"] < 1
+    assert headline["n"] == n and headline["family"] == family
     assert 0.0 <= headline["exit_rate_at_1pt"] <= 1.0  # a random large model is 0%: every rate qualifies
     assert headline["relative_compute_at_1pt"] > 0
 
     records = json.loads((out / "quality_records.json").read_text())["records"]
-    examples = dataset("test", 4, seed=0)
+    examples = dataset("test", n, seed=0, family=family)
     assert [r["truth"] for r in records] == [e.answer for e in examples]
-    for name in ("large", "small", "sgp_r9", "fastv_r9"):
+    for name in ("large", "small", "sgp_r9", "fastv_r9", "sgp_p9", "fastv_p9", "oracle_p64"):
         matches = [exact_match(r["answers"][name], e.answer) for r, e in zip(records, examples, strict=True)]
         assert headline[name] == pytest.approx(np.mean(matches))
     table = (out / "quality.md").read_text()
     assert "| large, all visual tokens |" in table and "FastV" in table
     assert (out / "quality_retention.png").stat().st_size > 1000
     assert (out / "quality_see.png").stat().st_size > 1000
+    assert (out / "quality_paper.png").stat().st_size > 1000
+    assert "The paper's operating points" in table and "Spearman" in table

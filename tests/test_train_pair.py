@@ -168,3 +168,93 @@ def test_separate_runs_merge_into_one_record(tmp_path):
     assert list(model_card.merge_results(tmp_path, {"large": {}}, other_test, ["small", "large"])) == [
         "large"
     ]
+
+
+# ----------------------------------------------------------------------------- the crowded family
+
+
+@pytest.fixture(scope="module")
+def crowded_small_dir(tmp_path_factory) -> Path:
+    """An untrained checkpoint of the crowded family's small preset, its tokenizer and tiling."""
+    tokenizer = build_tokenizer(vocabulary_corpus("crowded"))
+    torch.manual_seed(0)
+    preset = train_pair.CROWDED_PRESETS["small"]
+    model = InternVLForConditionalGeneration(tiny_internvl_config(preset, tokenizer))
+    out = tmp_path_factory.mktemp("crowded") / "small"
+    return save_checkpoint(model, tokenizer, out, train_pair.CROWDED_TILING)
+
+
+def test_crowded_grounding_targets_put_the_tens_left_and_the_units_right():
+    """Guards against crowded targets naming the wrong object, missing the size, or giving every
+    token of a two-digit number the same digit: computed here from the 8 x 4 cell grid (cell
+    (column, row) is grid tile column // 4, tokens (2 row + dy, 2 (column % 4) + dx) of 8 x 8)."""
+    from stitchvlm.shared import synthetic_crowded as crowded
+
+    layout = compute_layout(*crowded.CANVAS, train_pair.CROWDED_TILING)
+    assert (layout.grid_columns, layout.grid_rows, layout.tokens_per_tile) == (2, 1, 64)
+    names = grounding.CROWDED_ATTRIBUTES
+    numbers_seen = 0
+    for seed in range(6):
+        example = make_example(seed, "train", family="crowded")
+        targets = grounding.token_targets(example, layout)  # [192, 4]
+        assert targets.shape == (192, 4)
+        for obj in example.objects:
+            column, row = crowded.cell_of(obj)
+            for dy in (0, 1):
+                for dx in (0, 1):
+                    token = (column // 4) * 64 + (2 * row + dy) * 8 + 2 * (column % 4) + dx
+                    colour, shape, size, digit = targets[token]
+                    assert (colour, shape, size) == (
+                        1 + names["colour"].index(obj.colour),
+                        1 + names["shape"].index(obj.shape),
+                        1 + names["size"].index(obj.size),
+                    )
+                    expected = 0 if obj.digit is None else 1 + DIGITS.index(obj.digit[dx])
+                    assert digit == expected
+                    numbers_seen += obj.digit is not None
+    assert numbers_seen > 0
+
+
+def test_the_crowded_family_refuses_the_early_answer_loss():
+    """Guards against training the crowded pair with the loss that moves answers into the question's
+    text positions (issue 12: it lets late layers ignore the image, so pruning can never hurt)."""
+    with pytest.raises(ValueError, match="shortcuts"):
+        train_pair.TrainConfig(steps=1, family="crowded", early_answer=1.0)
+    with pytest.raises(SystemExit):
+        train_pair.parse_args(["--family", "crowded", "--early-answer", "0.5"])
+    assert train_pair.parse_args(["--family", "crowded"]).early_answer == 0.0
+    assert train_pair.parse_args([]).early_answer == 1.0
+
+
+def test_an_interrupted_and_resumed_run_ends_with_the_uninterrupted_weights(crowded_small_dir, tmp_path):
+    """Guards against a resume that loses optimizer moments, restarts the schedule or the data stream,
+    or skips / repeats a step: 5 seeded steps with checkpoints every 2, halted after 3 (the third
+    step lost, as in a kill) and resumed, end bit-for-bit at the uninterrupted run's weights."""
+    files = ModelFiles.load(crowded_small_dir)
+    preset = train_pair.CROWDED_PRESETS["small"]
+    config = train_pair.TrainConfig(
+        steps=5, batch=2, questions=2, eval_every=0, early_answer=0.0, family="crowded", curriculum=0.5
+    )
+    val = [make_example(0, "val", family="crowded")]
+    cpu = torch.device("cpu")
+    whole, whole_stats = train_pair.train_model(
+        "small", preset, files, config, cpu, val, tmp_path / "whole.pt", checkpoint_every=2
+    )
+    checkpoint = tmp_path / "halted.pt"
+    _, halted = train_pair.train_model(
+        "small", preset, files, config, cpu, val, checkpoint, checkpoint_every=2, halt_after=3
+    )
+    assert halted == {"halted_at": 3}
+    assert torch.load(checkpoint, weights_only=False)["progress"]["step"] == 2
+    resumed, resumed_stats = train_pair.train_model(
+        "small", preset, files, config, cpu, val, checkpoint, checkpoint_every=2, resume=True
+    )
+    expected, got = whole.state_dict(), resumed.state_dict()
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert resumed_stats["first_loss"] == whole_stats["first_loss"]
+    assert resumed_stats["history"] == whole_stats["history"]
+
+    other = train_pair.TrainConfig(**{**train_pair.asdict(config), "lr": 5e-4})
+    with pytest.raises(ValueError, match="another run"):
+        train_pair.train_model("small", preset, files, other, cpu, val, checkpoint, resume=True)
