@@ -178,6 +178,7 @@ class BatchScheduler:
                     return
             self.step()
 
+    @torch.inference_mode()  # the cache's buffers are made and written in inference mode alike
     def step(self) -> None:
         """One iteration: drop stopped sequences, admit and prefill, one decode step."""
         self._drop_stopped()

@@ -286,3 +286,25 @@ def test_half_precision_batch_runs_and_matches_alone(hf, cases, dtype, device):
         alone = sgp.generate(embeds, case["keep"], case["budget"], eos_ids(tokenizer)).token_ids
         agree += sink.result.token_ids[:3] == alone[:3]
     assert agree >= len(data) - 1, "half-precision batching diverged from the single path early"
+
+
+def test_request_joins_after_the_buffers_grew_during_decode(hf, cases):
+    """A row decodes past the cache's capacity (the buffers are reallocated inside the decode
+    step), then another request joins. Guards against buffers born under inference mode being
+    written in place outside it (torch refuses: every joining request failed with INTERNAL)."""
+    model, tokenizer, _ = hf
+    sgp, data = cases
+    scheduler = BatchScheduler(sgp, BatchConfig(max_batch_size=4))
+    long = dict(data[0], budget=80)  # a 33-token prompt: the 64-position buffers grow mid-decode
+    first, short, second = Collect(), Collect(), Collect()
+    scheduler.submit(sequence(long, tokenizer, first))
+    scheduler.submit(sequence(data[4], tokenizer, short))  # leaves early: a free row stays allocated
+    for _ in range(60):
+        scheduler.step()
+    assert short.result is not None and scheduler._cache.layers[0].capacity == (2, 128)
+    scheduler.submit(sequence(data[1], tokenizer, second))
+    run_until_done(scheduler, [first, second])
+    assert first.error is None and second.error is None
+    assert second.result.token_ids == data[1]["alone"].token_ids
+    embeds = sgp.embed(long["ids"][0], sgp.image_features(long["pixels"]))
+    assert first.result.token_ids == sgp.generate(embeds, long["keep"], 80, eos_ids(tokenizer)).token_ids
