@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import sys
 import tempfile
@@ -71,17 +70,26 @@ from model_card import (
     write_accuracy,
     write_model_card,
 )  # bench/model_card.py
+from pair_presets import (  # bench/pair_presets.py; the tables are re-exported for callers of train_pair
+    CROWDED_PRESETS,  # noqa: F401
+    CROWDED_TILING,  # noqa: F401
+    FAMILY_OUT,
+    FAMILY_PREFIX,
+    FAMILY_PRESETS,
+    FAMILY_TILING,
+    PRESETS,
+    TILING,  # noqa: F401
+)
+from train_state import Progress, load_state, save_state  # bench/train_state.py
 from transformers import InternVLForConditionalGeneration
 
 from stitchvlm.cloud.checkpoints import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     TinyPreset,
     build_tokenizer,
     save_checkpoint,
     tiny_internvl_config,
 )
-from stitchvlm.shared.layout import Layout, TilingConfig
+from stitchvlm.shared.layout import Layout
 from stitchvlm.shared.model_files import ModelFiles
 from stitchvlm.shared.preprocess import normalize_tiles, preprocess_image, tile_image
 from stitchvlm.shared.prompt import answer_ids, build_prompt, decode_answer, render_chat_template
@@ -97,99 +105,6 @@ from stitchvlm.shared.synthetic import (
     vocabulary_corpus,
 )
 
-# The pair's sizes. Same vision geometry, so one tiling serves both: 224 px tiles, patch 28, 16 tokens
-# per tile (80 visual tokens; 64 per tile made a step ~10x slower on 2 CPU cores). The large model has
-# a ViT four times as wide and twice as deep and twice the LM depth; its LM stays 128 wide, so a step
-# costs about 2.6x the small one's. Capacity alone makes little gap on this task: at equal steps the
-# large was only a few points ahead, and the small trains for fewer steps (--small-steps) so that
-# escalation matters (MODEL_CARD.md has both curves). Init std 0.1 (HF's default is 0.02); with the
-# grounding loss, 0.02 and 0.1 learned alike in short runs.
-PRESETS: dict[str, TinyPreset] = {
-    "small": TinyPreset(
-        vision_hidden=32,
-        vision_layers=2,
-        vision_heads=2,
-        image_size=224,
-        patch_size=28,
-        text_hidden=128,
-        text_layers=3,
-        text_heads=4,
-        text_kv_heads=2,
-        text_intermediate=512,
-        initializer_range=0.1,
-    ),
-    "large": TinyPreset(
-        vision_hidden=128,
-        vision_layers=4,
-        vision_heads=4,
-        image_size=224,
-        patch_size=28,
-        text_hidden=128,
-        text_layers=6,
-        text_heads=4,
-        text_kv_heads=2,
-        text_intermediate=512,
-        initializer_range=0.1,
-    ),
-}
-# 448 px images -> 2 x 2 grid + thumbnail = 5 tiles, 80 visual tokens.
-TILING = TilingConfig(
-    tile_size=224,
-    min_tiles=1,
-    max_tiles=6,
-    use_thumbnail=True,
-    tokens_per_tile=16,
-    image_mean=IMAGENET_MEAN,
-    image_std=IMAGENET_STD,
-)
-# The crowded family (synthetic_crowded): 448 x 224 images, 2 x 1 grid + thumbnail = 3 tiles of 64 tokens
-# (patch 14), 192 visual tokens. The large LM has 12 layers (issue 12: the paper's K at 2/48, 9/48 and
-# 19/48 of depth needs room between layers 1, 2 and 5) and stays 128 wide; the small is the basic
-# family's small at patch 14. Measured steps/s are in the issue 12 notes of the report.
-CROWDED_PRESETS: dict[str, TinyPreset] = {
-    "small": TinyPreset(
-        vision_hidden=32,
-        vision_layers=2,
-        vision_heads=2,
-        image_size=224,
-        patch_size=14,
-        text_hidden=128,
-        text_layers=3,
-        text_heads=4,
-        text_kv_heads=2,
-        text_intermediate=512,
-        initializer_range=0.1,
-    ),
-    "large": TinyPreset(
-        vision_hidden=128,
-        vision_layers=4,
-        vision_heads=4,
-        image_size=224,
-        patch_size=14,
-        text_hidden=128,
-        text_layers=12,
-        text_heads=4,
-        text_kv_heads=2,
-        text_intermediate=512,
-        initializer_range=0.1,
-    ),
-}
-CROWDED_TILING = TilingConfig(
-    tile_size=224,
-    min_tiles=1,
-    max_tiles=6,
-    use_thumbnail=True,
-    tokens_per_tile=64,
-    image_mean=IMAGENET_MEAN,
-    image_std=IMAGENET_STD,
-)
-FAMILY_PRESETS = {"basic": PRESETS, "crowded": CROWDED_PRESETS}
-FAMILY_TILING = {"basic": TILING, "crowded": CROWDED_TILING}
-FAMILY_PREFIX = {
-    "basic": "synthetic",
-    "crowded": "crowded",
-}  # checkpoint names: <prefix>-small, <prefix>-large
-FAMILY_OUT = {"basic": Path("shared/models"), "crowded": Path("runs/crowded-pair")}  # default --out
 IGNORE_INDEX = -100  # label of positions outside the loss
 FOLLOW_UP_SALT = 0xF0110  # salts the random stream that picks a training image's follow-up questions
 TEST_EXAMPLES = 300  # fixed test split size the card reports
@@ -424,20 +339,20 @@ def training_losses(
     heads: torch.nn.Module,
     tap: ProjectorTap,
     batch: dict[str, torch.Tensor],
+    early_answer: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """The three losses of one batch (answers, early answers, grounding; ``TrainConfig`` weighs them)
-    and the grounding heads' accuracies, for the progress line."""
+    """The losses of one batch (answers, early answers unless ``early_answer`` is off, grounding;
+    ``TrainConfig`` weighs them) and the grounding heads' accuracies, for the progress line."""
     batch = dict(batch)
     targets = batch.pop("token_targets")  # [batch, V, 3]
     early = batch.pop("early_answers")  # [n, 3]: row, position, answer's first id
     output = model(**batch)
-    early_logits = output.logits[early[:, 0], early[:, 1]]  # [n, vocab]
     grounding_logits = heads.logits(tap.visual_embeds(len(batch["input_ids"])))
-    losses = {
-        "answer": output.loss,
-        "early": torch.nn.functional.cross_entropy(early_logits, early[:, 2]),
-        "grounding": attribute_loss(grounding_logits, targets),
-    }
+    losses = {"answer": output.loss}
+    if early_answer:
+        early_logits = output.logits[early[:, 0], early[:, 1]]  # [n, vocab]
+        losses["early"] = torch.nn.functional.cross_entropy(early_logits, early[:, 2])
+    losses["grounding"] = attribute_loss(grounding_logits, targets)
     with torch.no_grad():
         return losses, attribute_accuracy(grounding_logits, targets)
 
@@ -458,46 +373,6 @@ class RunningMeans:
 
     def __str__(self) -> str:
         return " ".join(f"{key} {value:.4f}" for key, value in self.values.items())
-
-
-@dataclass
-class Progress:
-    """Where a training run stands: what a checkpoint holds beside the weights and optimizer."""
-
-    step: int = 0  # optimizer steps done
-    seconds: float = 0.0  # training time of the runs so far (wall clock, this run's included)
-    first_loss: float | None = None  # answer loss of step 1
-    means: dict[str, float] | None = None  # RunningMeans.values
-    history: list[dict] | None = None  # one entry per validation check
-
-
-def save_state(path: Path, trained: torch.nn.Module, optimizer, progress: Progress, identity: dict) -> None:
-    """One checkpoint: weights (model and grounding heads), optimizer, progress, torch's RNG and
-    ``identity`` (config and preset, which a resume must match). Written whole, then renamed,
-    so a kill mid-write leaves the previous checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {
-        "trained": trained.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "progress": asdict(progress),
-        "torch_rng": torch.get_rng_state(),
-        "identity": identity,
-    }
-    scratch = path.with_name(path.name + ".partial")
-    torch.save(state, scratch)
-    os.replace(scratch, path)
-
-
-def load_state(path: Path, trained: torch.nn.Module, optimizer, identity: dict) -> Progress:
-    """Restore what ``save_state`` wrote; refuses a checkpoint of another config or preset."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state["identity"] != identity:
-        changed = sorted(k for k in identity if state["identity"].get(k) != identity[k])
-        raise ValueError(f"{path} was written by another run ({', '.join(changed)} differ); not resuming")
-    trained.load_state_dict(state["trained"])
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
-    return Progress(**state["progress"])
 
 
 def make_heads(model, files: ModelFiles, config: TrainConfig, device) -> torch.nn.Module:
@@ -597,7 +472,7 @@ def train_step(model, heads, tap, trained, optimizer, files, config, step, devic
     batch = {key: value.to(device) for key, value in batch.items()}
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(step, config)
-    losses, accuracies = training_losses(model, heads, tap, batch)
+    losses, accuracies = training_losses(model, heads, tap, batch, early_answer=config.early_answer > 0)
     total = losses["answer"]
     if config.early_answer:  # the same sum, in the same order, as before the weight could be 0
         total = total + config.early_answer * losses["early"]
