@@ -210,9 +210,10 @@ class BatchScheduler:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join(timeout)
-        self._fail_rows(
-            range(len(self._running)), RequestError(grpc.StatusCode.UNAVAILABLE, "server stopped")
-        )
+        with torch.inference_mode():  # removing rows writes into buffers made in inference mode
+            self._fail_rows(
+                range(len(self._running)), RequestError(grpc.StatusCode.UNAVAILABLE, "server stopped")
+            )
 
     # ------------------------------------------------------------------ steps
 
