@@ -24,12 +24,15 @@ The visual-token score (DESIGN "Scores beside fused attention") is computed
 beside the fused kernel for the scoring rows alone: the rows from the first
 query with ``score_query_mask > 0`` (over the batch) to the end, which are
 the text after the image in a prefill, the one new token in a decode step,
-none in the consistency pass. For each layer ``softmax(q K^T / sqrt(d) +
-causal/padding mask)`` of those rows (``[batch, kv_heads, groups, rows,
-total]``) is summed over heads; the layers' sums are added and weighted by the
-rows' ``score_query_mask`` in one MatMul. Rows before the first scored one
-have weight 0 for every batch row, so the sum is the one ``ScoringDecoder``
-computes; the full ``seq x total`` probabilities are never formed.
+none in the consistency pass. For each layer ``softmax(q K^T / sqrt(d))`` of
+those rows with the causal mask is taken over the KV buffer itself (keys past
+the filled length masked out, never copied), one GEMM per kv head for its
+group of query heads (``[batch, kv_heads, groups * rows, capacity]``), and
+added to a running sum over layers; after the layers that sum is summed over
+heads and weighted by the rows' ``score_query_mask`` in one MatMul. Rows
+before the first scored one have weight 0 for every batch row, so the sum is
+the one ``ScoringDecoder`` computes; the full ``seq x total`` probabilities
+are never formed.
 
 Export time only (reads a torch model's weights); the runtime needs only the
 ``.onnx`` file. ``--no-scores`` builds the same graph without the score nodes.
@@ -201,11 +204,13 @@ def attention_block(g: GraphBuilder, attn, x: str, layer: int, past_key: str, pa
 
 
 def score_rows(g: GraphBuilder, query: str, present_key: str, layer: int, shared: dict) -> str:
-    """This layer's attention probabilities of the scoring rows, summed over kv heads.
+    """This layer's attention probabilities of the scoring rows.
 
-    query [B, S, H*hd] (after RoPE), present_key [B, KV, capacity, hd] -> [B, G*R, total]
-    float32 (row g*R + r: query head kv*G + g of scoring row r; ``score_total`` sums the groups),
-    R = the rows from the first scored query on (``shared["first_row_1d"]``).
+    query [B, S, H*hd] (after RoPE), present_key [B, KV, C, hd] (the whole buffer, C = capacity)
+    -> [B, KV, G*R, C] float32: row g*R + r of kv head kv is query head kv*G + g of scoring row r
+    (``score_total`` sums heads and layers); R = the rows from the first scored query on. Keys past the filled length
+    are masked out by ``Where``, so they need no Slice (a copy of every key each pass) and may
+    hold anything, NaN included (uninitialised device memory).
     """
     prefix = f"layers.{layer}.score"
     kv_heads, groups, head_dim = shared["kv_heads"], shared["heads"] // shared["kv_heads"], shared["head_dim"]
@@ -218,30 +223,29 @@ def score_rows(g: GraphBuilder, query: str, present_key: str, layer: int, shared
     rows = g.op("Reshape", [rows, shape], f"{prefix}.q_heads")
     rows = g.op("Transpose", [rows], f"{prefix}.q_bnsh", perm=[0, 2, 3, 1, 4])
     rows = g.op("Reshape", [rows, shared["grouped_rows_shape"]], f"{prefix}.q_grouped", allowzero=1)
-    keys = g.op(
-        "Slice", [present_key, shared["zero_1d"], shared["total_1d"], shared["axis_2"]], f"{prefix}.keys"
-    )  # [B, KV, T, hd]
+    keys = present_key
     if g.dtype != np.float32:
         rows = g.op("Cast", [rows], f"{prefix}.q_float", to=TensorProto.FLOAT)
         keys = g.op("Cast", [keys], f"{prefix}.k_float", to=TensorProto.FLOAT)
     # q K^T * scaling in one GEMM that reads K transposed in place (no Transpose copy, no Mul)
     logits = g.op(
         "FusedMatMul", [rows, keys], f"{prefix}.qk", domain=MS_DOMAIN, alpha=shared["scaling"], transB=1
-    )  # [B, KV, G*R, T]
-    logits = g.op("Add", [logits, shared["score_bias"]], f"{prefix}.masked")
-    probs = g.op("Softmax", [logits], f"{prefix}.probs", axis=-1)
-    return g.op("ReduceSum", [probs, shared["axis_1"]], f"{prefix}.kv_head_sum", keepdims=0)  # [B, G*R, T]
+    )  # [B, KV, G*R, C]
+    logits = g.op("Where", [shared["score_allowed"], logits, shared["blocked"]], f"{prefix}.masked")
+    return g.op("Softmax", [logits], f"{prefix}.probs", axis=-1)  # [B, KV, G*R, C]
 
 
-def score_total(g: GraphBuilder, layer_sums: list[str], shared: dict) -> str:
-    """visual_scores [B, T]: the layers' [B, G*R, T] sums, summed over groups, weighted by row."""
-    summed = layer_sums[0] if len(layer_sums) == 1 else g.op("Sum", layer_sums, "score.layer_sum")
-    summed = g.op(
-        "Reshape", [summed, shared["groups_rows_total_shape"]], "score.by_group", allowzero=1
-    )  # [B, G, R, T]
-    summed = g.op("ReduceSum", [summed, shared["axis_1"]], "score.head_sum", keepdims=0)  # [B, R, T]
-    weighted = g.op("MatMul", [shared["row_weights"], summed], "score.weighted")  # [B, 1, T]
-    return g.op("Squeeze", [weighted, shared["axis_1"]], "score.visual_scores")
+def score_total(g: GraphBuilder, summed: str, shared: dict) -> str:
+    """visual_scores [B, T] from the layers' summed [B, KV, G*R, C] probabilities: summed over
+    heads (one ReduceSum for the whole pass), then weighted by row."""
+    summed = g.op("Reshape", [summed, shared["sum_shape"]], "score.by_head", allowzero=1)  # [B, KV, G, R, C]
+    axes = g.const("score.axes_heads", [1, 2], np.int64)
+    summed = g.op("ReduceSum", [summed, axes], "score.head_sum", keepdims=0)  # [B, R, C]
+    weighted = g.op("MatMul", [shared["row_weights"], summed], "score.weighted")  # [B, 1, C]
+    filled = g.op(
+        "Slice", [weighted, shared["zero_1d"], shared["total_1d"], shared["axis_2"]], "score.filled"
+    )  # [B, 1, T]
+    return g.op("Squeeze", [filled, shared["axis_1"]], "score.visual_scores")
 
 
 def mlp_block(g: GraphBuilder, mlp, x: str, layer: int) -> str:
@@ -278,68 +282,62 @@ def skip_norm(g: GraphBuilder, x: str, residual: str, norm, name: str) -> tuple[
 
 
 def score_prelude(g: GraphBuilder, io: GraphIO, shared: dict) -> None:
-    """Shared score inputs: the first scored row, its weights [B, 1, R] and the mask [B, 1, 1, R, T]."""
-    seq, total = shared["seq"], shared["total"]
+    """What every layer's score shares: the first scored row, the rows' weights [B, 1, R], the
+    mask [B, 1, G*R, C] (C = the KV buffers' capacity) and the shapes of the grouped rows."""
+    seq, total, groups = shared["seq"], shared["total"], shared["heads"] // shared["kv_heads"]
     seq_index = g.op("Range", [shared["zero"], seq, shared["one"]], "score.seq_index")  # [S]
     scored = g.op("Greater", [io.score_query_mask, g.const("score.zero_f", 0.0, np.float32)], "score.scored")
     candidates = g.op("Where", [scored, seq_index, seq], "score.first_candidates")  # [B, S]
     first = g.op("ReduceMin", [candidates], "score.first_row", keepdims=0)  # [] = S when nothing is scored
-    shared["first_row_1d"] = g.op("Unsqueeze", [first, shared["axis_0"]], "score.first_row_1d")
+    first_1d = g.op("Unsqueeze", [first, shared["axis_0"]], "score.first_row_1d")
+    shared["first_row_1d"] = first_1d
     weights = g.op(
-        "Slice", [io.score_query_mask, shared["first_row_1d"], shared["int64_max_1d"], shared["axis_1"]],
+        "Slice",
+        [io.score_query_mask, first_1d, shared["int64_max_1d"], shared["axis_1"]],
         "score.row_weights",
-    )  # fmt: skip
+    )  # [B, R]
     shared["row_weights"] = g.op(
         "Unsqueeze", [weights, shared["axis_1"]], "score.row_weights_3d"
     )  # [B, 1, R]
-    # causality by sequence index: row r is query index past + first + r, as attention_bias defines it
-    past = g.op("Sub", [total, seq], "score.past")
-    row_start = g.op("Add", [past, first], "score.row_start")
+
+    # Key k is open to row r (query index past + first + r, as attention_bias defines causality)
+    # when k <= that index and k is filled in its batch row (k <= seqlens_k, as GQA reads it).
+    capacity_1d = g.op("Shape", [io.past_names(1)[0]], "score.capacity_1d", start=2, end=3)
+    capacity = g.op("Squeeze", [capacity_1d, shared["axis_0"]], "score.capacity")
+    key_index = g.op("Range", [shared["zero"], capacity, shared["one"]], "score.key_index")  # [C]
+    row_start = g.op("Add", [g.op("Sub", [total, seq], "score.past"), first], "score.row_start")
     query_index = g.op("Range", [row_start, total, shared["one"]], "score.query_index")  # [R]
-    key_index = g.op("Range", [shared["zero"], total, shared["one"]], "score.key_index")  # [T]
-    causal = g.op(
-        "LessOrEqual",
-        [
-            g.op("Unsqueeze", [key_index, shared["axis_0"]], "score.key_row"),
-            g.op("Unsqueeze", [query_index, shared["axis_1"]], "score.query_col"),
-        ],
-        "score.causal",
-    )  # [R, T]
-    real = g.op(
-        "Greater", [io.attention_mask, g.const("score.zero_i", 0, np.int64)], "score.real_keys"
-    )  # [B, T]
-    real = g.op("Unsqueeze", [real, g.const("score.axes_123", [1, 2, 3], np.int64)], "score.real_keys_5d")
-    allowed = g.op("And", [causal, real], "score.allowed")  # [B, 1, 1, R, T]
-    blocked = g.const("score.blocked", np.finfo(np.float32).min, np.float32)
-    bias = g.op("Where", [allowed, g.const("score.open", 0.0, np.float32), blocked], "score.bias")
-    # Shapes of the grouped rows (g*R + r): [B, KV, G*R, hd] queries, [B, 1, G*R, T] mask; their
-    # Reshapes take allowzero=1, as R is 0 in a pass that scores nothing.
-    groups = shared["heads"] // shared["kv_heads"]
-    batch = g.op(
-        "Gather", [g.op("Shape", [io.score_query_mask], "score.mask_shape"), shared["zero"]], "score.batch"
-    )
-    rows = g.op("Sub", [seq, first], "score.rows")
+    query_col = g.op("Unsqueeze", [query_index, shared["axis_1"]], "score.query_col")  # [R, 1]
+    causal = g.op("LessOrEqual", [key_index, query_col], "score.causal")  # [R, C]
+    lengths = g.op("Unsqueeze", [shared["seqlens_k_int64"], g.const("score.axes_1234", [1, 2, 3, 4], np.int64)], "score.lengths")  # fmt: skip
+    filled = g.op("LessOrEqual", [key_index, lengths], "score.filled_keys")  # [B, 1, 1, 1, C]
+    allowed = g.op("And", [causal, filled], "score.allowed")  # [B, 1, 1, R, C]
+
+    # Grouped rows (g*R + r); their Reshapes take allowzero=1, as R is 0 in a pass scoring nothing.
+    batch_1d = g.op("Shape", [io.score_query_mask], "score.batch_1d", start=0, end=1)
+    rows_1d = g.op("Sub", [shared["seq_1d"], first_1d], "score.rows_1d")
+    grouped_1d = g.op("Mul", [rows_1d, g.const("score.groups", [groups], np.int64)], "score.grouped_rows_1d")
 
     def shape(name: str, *dims) -> str:
         parts = [
-            g.op("Unsqueeze", [d, shared["axis_0"]], f"{name}.{i}") if isinstance(d, str)
-            else g.const(f"{name}.{i}", [d], np.int64)
-            for i, d in enumerate(dims)
-        ]  # fmt: skip
+            d if isinstance(d, str) else g.const(f"{name}.{i}", [d], np.int64) for i, d in enumerate(dims)
+        ]
         return g.op("Concat", parts, name, axis=0)
 
-    grouped = g.op("Mul", [rows, g.const("score.groups", groups, np.int64)], "score.grouped_rows")
     shared["grouped_rows_shape"] = shape(
-        "score.q_shape", batch, shared["kv_heads"], grouped, shared["head_dim"]
+        "score.q_shape", batch_1d, shared["kv_heads"], grouped_1d, shared["head_dim"]
     )
-    shared["groups_rows_total_shape"] = shape("score.sum_shape", batch, groups, rows, total)
-    bias = g.op("Expand", [bias, shape("score.bias_groups", batch, 1, groups, rows, total)], "score.bias_g")
-    shared["score_bias"] = g.op(
-        "Reshape",
-        [bias, shape("score.bias_shape", batch, 1, grouped, total)],
-        "score.grouped_bias",
-        allowzero=1,
-    )  # [B, 1, G*R, T]
+    shared["sum_shape"] = shape("score.sum_shape", batch_1d, shared["kv_heads"], groups, rows_1d, capacity_1d)
+    allowed = g.op(
+        "Expand",
+        [allowed, shape("score.mask_g", batch_1d, 1, groups, rows_1d, capacity_1d)],
+        "score.allowed_g",
+    )
+    shared["score_allowed"] = g.op(
+        "Reshape", [allowed, shape("score.mask_shape", batch_1d, 1, grouped_1d, capacity_1d)],
+        "score.grouped_allowed", allowzero=1,
+    )  # fmt: skip
+    shared["blocked"] = g.const("score.blocked", np.finfo(np.float32).min, np.float32)
 
 
 def build_lean_decoder(
@@ -373,6 +371,7 @@ def build_lean_decoder(
         "axis_2": g.const("axis_2", [2], np.int64),
     }
     # Lengths: seq from the embeddings, total = past + seq from the mask, filled length per row from its ones.
+    shared["seq_1d"] = g.op("Shape", [io.inputs_embeds], "seq_1d", start=1, end=2)
     shared["seq"] = g.op(
         "Gather", [g.op("Shape", [io.inputs_embeds], "seq_shape"), shared["one"]], "seq", axis=0
     )
@@ -381,8 +380,8 @@ def build_lean_decoder(
     shared["total_1d"] = g.op("Unsqueeze", [total, shared["axis_0"]], "total_1d")
     shared["total_int32"] = g.op("Cast", [total], "total_int32", to=TensorProto.INT32)
     filled = g.op("ReduceSum", [io.attention_mask, shared["axis_1"]], "filled", keepdims=0)  # [B]
-    seqlens = g.op("Sub", [filled, shared["one"]], "seqlens_k_int64")
-    shared["seqlens_k"] = g.op("Cast", [seqlens], "seqlens_k", to=TensorProto.INT32)
+    shared["seqlens_k_int64"] = g.op("Sub", [filled, shared["one"]], "seqlens_k_int64")
+    shared["seqlens_k"] = g.op("Cast", [shared["seqlens_k_int64"]], "seqlens_k", to=TensorProto.INT32)
     if with_scores:
         score_prelude(g, io, shared)
 
@@ -396,7 +395,7 @@ def build_lean_decoder(
         epsilon=float(first_norm.variance_epsilon),
         stash_type=1,
     )
-    presents, head_sums = [], []
+    presents, layer_sum = [], None
     past_names = io.past_names(len(layers))
     for index, layer in enumerate(layers):
         attn_out, key, value, query = attention_block(
@@ -404,7 +403,11 @@ def build_lean_decoder(
         )
         presents += [key, value]
         if with_scores:
-            head_sums.append(score_rows(g, query, key, index, shared))
+            # a running sum (one tensor alive, however many layers) rather than one Sum at the end
+            probs = score_rows(g, query, key, index, shared)
+            layer_sum = (
+                probs if layer_sum is None else g.op("Add", [layer_sum, probs], f"layers.{index}.score.sum")
+            )
         normed, hidden = skip_norm(
             g, attn_out, hidden, layer.post_attention_layernorm, f"layers.{index}.post_norm"
         )
@@ -423,7 +426,7 @@ def build_lean_decoder(
         logits = g.op("Cast", [logits], "logits_float", to=TensorProto.FLOAT)
     outputs_map = {io.logits: logits}
     if with_scores:
-        outputs_map[io.visual_scores] = score_total(g, head_sums, shared)
+        outputs_map[io.visual_scores] = score_total(g, layer_sum, shared)
     outputs_map |= dict(zip(io.present_names(len(layers)), presents, strict=True))
     return _assemble(g, io, len(layers), kv_heads, head_dim, config, with_scores, outputs_map)
 

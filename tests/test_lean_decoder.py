@@ -246,6 +246,35 @@ def test_kv_buffers_are_shared_in_place_and_guarded(lean, image_factory):
         lean.decode(embeds, positions, query_mask, lean.empty_cache(), attention_mask=padded)
 
 
+def test_unfilled_buffer_positions_never_leak_into_results(lean, image_factory):
+    """Guards against the score (which reads the whole buffer, masked) or the attention reading
+    KV positions past the filled length: buffers full of NaN (as uninitialised device memory may
+    be) must give exactly the results of zeroed ones."""
+    import onnxruntime
+
+    embeds, positions, query_mask = _prefill_inputs(lean, *SAMPLES[1], image_factory)
+    length = positions.shape[1]
+    dims = lean.sidecar.dims
+    shape = (1, dims.num_kv_heads, length + 5, dims.head_dim)
+    nan = KVBuffers.of(
+        [
+            onnxruntime.OrtValue.ortvalue_from_numpy(np.full(shape, np.nan, np.float32))
+            for _ in range(2 * dims.num_layers)
+        ]
+    )
+    clean = lean.empty_cache(capacity=length + 5)
+    results = []
+    for cache in (nan, clean):
+        step = lean.decode(embeds, positions, query_mask, cache, num_logits=1)
+        step = lean.decode(
+            lean.embed([5])[None], np.array([[length]]), np.ones((1, 1), np.float32), step.cache
+        )
+        results.append(step)
+    assert np.isfinite(results[0].logits).all() and np.isfinite(results[0].visual_scores).all()
+    np.testing.assert_array_equal(results[0].logits, results[1].logits)
+    np.testing.assert_array_equal(results[0].visual_scores, results[1].visual_scores)
+
+
 def test_lean_batch_axis_is_dynamic(lean):
     """Guards against a batch axis the built graph (Reshape targets, per-row seqlens_k) gets wrong:
     a batch of two rows equals each row alone, positions skipping included."""
