@@ -140,9 +140,12 @@ async def serve(server_config: ServerConfig, engine_config: EngineConfig) -> int
         service.engine = engine
         for name in HEALTH_NAMES:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        config = engine.config
+        device = f"map:{config.device_map}" if config.device_map else config.device
         announce(
             f"stitch-cloud ready: listening on {host}:{port} model={engine.model_id} K={engine.prune_layer} "
-            f"device={engine.config.device} dtype={engine.config.dtype} "
+            f"device={device} "
+            f"dtype={config.dtype} batch={config.max_batch_size} "
             f"(loaded in {time.monotonic() - load_started:.2f}s)"
         )
         await stopping

@@ -71,6 +71,9 @@ STOP_CODES = (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED)
 PREPARE_THREADS = 2
 # How long a cancelled RPC waits for the loop to drop its sequence (one decode step, normally).
 CANCEL_WAIT_S = 10.0
+# How long a client connection lives before the server asks it to reconnect (and re-resolve).
+MAX_CONNECTION_AGE_MS = 5 * 60 * 1000
+MAX_CONNECTION_AGE_GRACE_MS = 10 * 60 * 1000  # calls in flight then get this long to finish
 # Longest status message sent (gRPC carries it in a header; clients refuse large metadata).
 MAX_STATUS_CHARS = 1024
 
@@ -498,6 +501,10 @@ def build_server(
             # grpc shares ports by default (SO_REUSEPORT): a second server on a busy port would
             # start and silently split the traffic instead of failing.
             ("grpc.so_reuseport", 0),
+            # Clients balancing over a DNS name only re-resolve when a connection ends: ending each
+            # after a while (GOAWAY, then a grace for calls in flight) lets them find new replicas.
+            ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
+            ("grpc.max_connection_age_grace_ms", MAX_CONNECTION_AGE_GRACE_MS),
         ],
     )
     server.add_generic_rpc_handlers((service.handler(),))
