@@ -28,6 +28,9 @@ from stitchvlm.shared.preprocess import preprocess_image  # noqa: E402
 from stitchvlm.shared.synthetic import dataset, exact_match  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "quality.py"
+sys.path.insert(
+    0, str(SCRIPT.parent)
+)  # quality.py imports its sibling quality_report.py, as when run as a script
 
 
 def _load_quality():
