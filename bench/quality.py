@@ -1,7 +1,8 @@
 """Quality: what pruning keeps of the large model's accuracy, and what the SEE cascade saves.
 
 On the first ``--n`` examples of the synthetic test split (``stitchvlm.shared.synthetic``,
-exact match, greedy, ``--max-new-tokens`` 4), in one process:
+``--family`` basic or crowded; exact match, greedy, ``--max-new-tokens`` 4 or 6 by family), in one
+process:
 
 - **large**: the large checkpoint, unpruned (``SGPModel`` with no kept set);
 - **small**: the small checkpoint through its ONNX export (``EdgeModel``, CPU EP);
