@@ -68,7 +68,7 @@ from transformers import InternVLForConditionalGeneration, LogitsProcessor, Logi
 
 from stitchvlm.cloud.checkpoints import IMAGENET_MEAN, IMAGENET_STD, build_tokenizer, save_checkpoint
 from stitchvlm.edge.export import ExportConfig, export_edge
-from stitchvlm.edge.runtime import CPU, CUDA, EdgeGeneration, EdgeModel, KVBuffers
+from stitchvlm.edge.runtime import CPU, CUDA, EdgeGeneration, EdgeModel, KVBuffers, open_decoder
 from stitchvlm.edge.sidecar import EdgeSidecar
 from stitchvlm.shared.layout import TilingConfig
 from stitchvlm.shared.preprocess import preprocess_image
@@ -273,10 +273,11 @@ class RawDecoder:
 
     def __init__(self, edge_dir: Path, config: BenchConfig) -> None:
         self.sidecar = EdgeSidecar.load(edge_dir)
-        self.session = ort.InferenceSession(
-            str(edge_dir / self.sidecar.graphs.decoder),
-            sess_options=session_options(config.threads),
-            providers=providers(config.device),
+        self.session = open_decoder(
+            edge_dir / self.sidecar.graphs.decoder,
+            self.sidecar,
+            session_options(config.threads),
+            providers(config.device),
         )
         self.device = "cuda" if self.session.get_providers()[0] == CUDA else "cpu"
         self.layers = self.sidecar.dims.num_layers

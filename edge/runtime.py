@@ -193,9 +193,7 @@ class EdgeModel:
                 f"{root} holds a float32 lean decoder, which the CUDA EP cannot run (its "
                 "GroupQueryAttention is float16/bfloat16 only): export with --graph lean --dtype fp16"
             )
-        decoder = ort.InferenceSession(
-            str(root / sidecar.graphs.decoder), sess_options=session_options, providers=providers
-        )
+        decoder = open_decoder(root / sidecar.graphs.decoder, sidecar, session_options, providers)
         # The vision graph follows the providers the decoder really got (one CUDA probe, one warning).
         vision = ort.InferenceSession(
             str(root / sidecar.graphs.vision), sess_options=session_options, providers=decoder.get_providers()
@@ -450,6 +448,27 @@ class EdgeModel:
         logits = step.logits[0]  # [N, vocab]
         probs = _softmax64(logits)  # [N, vocab]
         return probs[np.arange(answer.size), answer]
+
+
+def open_decoder(
+    path: Path, sidecar: EdgeSidecar, options: ort.SessionOptions | None, providers: list[str]
+) -> ort.InferenceSession:
+    """The decoder session; a lean graph's runs its nodes in priority (file) order.
+
+    ORT's default order may run each layer's score nodes only at the end of the
+    pass, keeping every layer's query tensor alive until then (+0.3 GB in a
+    1809-token Qwen2.5-0.5B prefill); the file order runs them right after
+    their layer. ``options`` is left as it was given.
+    """
+    if sidecar.graph != "lean":
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    options = options or ort.SessionOptions()
+    previous = options.execution_order
+    options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    finally:
+        options.execution_order = previous
 
 
 def _greedy(logits: np.ndarray) -> tuple[int, float]:
