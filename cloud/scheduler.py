@@ -176,7 +176,11 @@ class BatchScheduler:
                     self._cond.wait()
                 if self._exit:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception:  # a bug outside the guarded model calls: fail the batch, keep the loop
+                log.exception("batching step failed; failing the %d running sequences", len(self._running))
+                self._fail_all(RequestError(grpc.StatusCode.INTERNAL, "batching step failed"))
 
     @torch.inference_mode()  # the cache's buffers are made and written in inference mode alike
     def step(self) -> None:
@@ -210,10 +214,7 @@ class BatchScheduler:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join(timeout)
-        with torch.inference_mode():  # removing rows writes into buffers made in inference mode
-            self._fail_rows(
-                range(len(self._running)), RequestError(grpc.StatusCode.UNAVAILABLE, "server stopped")
-            )
+        self._fail_all(RequestError(grpc.StatusCode.UNAVAILABLE, "server stopped"))
 
     # ------------------------------------------------------------------ steps
 
@@ -221,7 +222,7 @@ class BatchScheduler:
         with self._cond:
             abort, self._abort = self._abort, None
         if abort is not None:
-            self._fail_rows(range(len(self._running)), abort)
+            self._fail_all(abort)
         stopped = [i for i, run in enumerate(self._running) if run.seq.should_stop()]
         for row in sorted(stopped, reverse=True):
             seq = self._running[row].seq
@@ -311,9 +312,7 @@ class BatchScheduler:
             greedy = torch.argmax(logits, dim=-1).tolist()
         except Exception:
             log.exception("decode step failed for %d sequences", len(self._running))
-            self._fail_rows(
-                range(len(self._running)), RequestError(grpc.StatusCode.INTERNAL, "decode step failed")
-            )
+            self._fail_all(RequestError(grpc.StatusCode.INTERNAL, "decode step failed"))
             return
         finished: list[int] = []
         for row, run in enumerate(self._running):
@@ -359,10 +358,9 @@ class BatchScheduler:
         if row < len(self._running):
             self._running[row] = last
 
-    def _fail_rows(self, rows, error: RequestError) -> None:
-        for row in sorted(rows, reverse=True):
-            seq = self._running[row].seq
-            self._remove_row(row)
-            seq.sink.failed(error)
-        if not self._running:
-            self._cache = self._new_cache()
+    def _fail_all(self, error: RequestError) -> None:
+        """Fail every running sequence with ``error`` and start from an empty cache."""
+        runs, self._running = self._running, []
+        self._cache = self._new_cache()
+        for run in runs:
+            run.seq.sink.failed(error)
