@@ -6,9 +6,9 @@ concurrency, against ``stitch-cloud serve`` batching (``--max-batch-size``
 16, or 64 on a GPU) and against it at ``--max-batch-size 1``, in one run. Beside
 them the baseline a user would otherwise script: ``model.generate`` of
 transformers on the UNPRUNED model, the same requests in padded static batches
-of 16, in process (no gRPC, no image decode on the clock; its latency is from
-the start of the run to the end of the request's batch, as if all N arrived
-at once; it has no time to first token).
+of 16, in process (no gRPC; PNG decode and preprocessing on the clock as in the
+server; its latency is from the start of the run to the end of the request's
+batch, as if all N arrived at once; it has no time to first token).
 
 Two workloads, because batching pays in decode:
 - ``short``: the embedded synthetic-large (shared/models) on synthetic
@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -87,8 +89,6 @@ def random_image(width: int, height: int, seed: int) -> Image.Image:
 
 
 def png(image: Image.Image) -> bytes:
-    import io
-
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
@@ -99,7 +99,6 @@ class Workload:
     name: str
     model_dir: Path
     requests: list[CloudRequest]
-    images: list[Image.Image]  # the decoded images, for the in-process baseline
 
 
 def make_requests(model_dir: Path, pictures, prompts, max_new_tokens: int) -> list[CloudRequest]:
@@ -136,7 +135,7 @@ def short_workload(n: int) -> Workload:
         for i, e in enumerate(examples)
     ]
     requests = make_requests(EMBEDDED_LARGE, pictures, [e.question for e in examples], max_new_tokens=4)
-    return Workload("short", EMBEDDED_LARGE, requests, pictures)
+    return Workload("short", EMBEDDED_LARGE, requests)
 
 
 def long_preset(preset_name: str) -> TinyPreset:
@@ -179,7 +178,7 @@ def long_workload(n: int, out: Path, preset_name: str, tokens: int) -> Workload:
         for i, (w, h) in zip(range(n), SHAPES * n, strict=False)
     ]
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
-    return Workload("long", model_dir, make_requests(model_dir, pictures, prompts, tokens), pictures)
+    return Workload("long", model_dir, make_requests(model_dir, pictures, prompts, tokens))
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -277,11 +276,15 @@ def hf_static(workload: Workload, device: str, dtype: torch.dtype) -> Point:
             out.append((text.replace(tokenizer.context_image_token, expanded, 1), pixels["pixel_values"]))
         return out
 
-    pairs = list(zip(workload.requests, workload.images, strict=True))
-    prepared = [texts(pairs[i : i + STATIC_BATCH]) for i in range(0, len(pairs), STATIC_BATCH)]
+    requests = workload.requests
     latencies, tokens = [], 0
     start = time.perf_counter()
-    for batch in prepared:
+    for i in range(0, len(requests), STATIC_BATCH):
+        # the same PNG bytes the server gets, decoded and preprocessed on the clock as it is there
+        decoded = [
+            (r, Image.open(io.BytesIO(r.image)).convert("RGB")) for r in requests[i : i + STATIC_BATCH]
+        ]
+        batch = texts(decoded)
         inputs = tokenizer([t for t, _ in batch], return_tensors="pt", padding=True).to(device)
         pixel_values = torch.cat([p for _, p in batch]).to(device, dtype)
         with torch.inference_mode():
@@ -385,9 +388,17 @@ def main(argv=None) -> int:
     parser.add_argument("--concurrency", help="comma-separated (default 1,4,16; 1,4,16,64 on a GPU)")
     parser.add_argument("--long-tokens", type=int, default=48)
     parser.add_argument("--workloads", default="short,long")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads of each server and of the in-process baseline (default: torch's)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.n, args.long_tokens = 32, 32
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the servers inherit it
+        torch.set_num_threads(args.threads)
     concurrencies = (1, 4, 16, 64) if args.device.startswith("cuda") else (1, 4, 16)
     if args.concurrency:
         concurrencies = tuple(int(c) for c in args.concurrency.split(","))

@@ -7,9 +7,10 @@
    their cache row, waiting ones are refused;
 2. waiting sequences are admitted while rows are free and their prompts fit
    the step's prefill budget (``max_batch_tokens``; the first always fits):
-   their vision tower runs as one batch of tiles, then each prompt is
-   prefilled alone (layers ``< K`` on the full prompt, ``>= K`` on the kept
-   tokens), its first token chosen, and its KV appended as a new row;
+   their vision tower runs as one batch of tiles, their prompts are
+   prefilled together, padded (``SGPModel.prefill_batch``: layers ``< K`` on
+   the full prompts, ``>= K`` on the kept tokens), each first token chosen,
+   and each prompt's KV appended as a new row;
 3. one decode step advances every running row in a single forward pass
    (``SGPModel.decode_batch`` over a ``RowKVCache``); finished rows leave.
 
@@ -33,6 +34,7 @@ from typing import Protocol
 import grpc
 import numpy as np
 import torch
+from transformers import DynamicCache
 
 from ..shared.errors import RequestError
 from ..shared.types import SamplingParams
@@ -238,14 +240,14 @@ class BatchScheduler:
     def _take_admissions(self) -> list[SequenceInput]:
         free = self.config.max_batch_size - len(self._running)
         taken: list[SequenceInput] = []
-        budget = self.config.max_batch_tokens
+        longest = 0
         with self._cond:
             while self._waiting and len(taken) < free:
-                need = len(self._waiting[0].input_ids)
-                if taken and need > budget:
+                # prompts prefill together, padded to the longest: that is what the budget counts
+                longest = max(longest, len(self._waiting[0].input_ids))
+                if taken and (len(taken) + 1) * longest > self.config.max_batch_tokens:
                     break
                 taken.append(self._waiting.popleft())
-                budget -= need
         return taken
 
     def _admit(self) -> None:
@@ -261,12 +263,21 @@ class BatchScheduler:
                 seq.sink.failed(RequestError(grpc.StatusCode.INTERNAL, "vision tower failed"))
             return
         vision_s = (time.monotonic() - admitted_at) / len(taken)
-        for seq, feats in zip(taken, features, strict=True):
-            try:
-                self._prefill(seq, feats, admitted_at, vision_s)
-            except Exception:
-                log.exception("prefill failed")
+        try:
+            t0 = time.monotonic()
+            embeds = [
+                self.model.embed(torch.from_numpy(seq.input_ids), feats)  # [1, S, hidden]
+                for seq, feats in zip(taken, features, strict=True)
+            ]
+            prefilled = self.model.prefill_batch(embeds, [seq.keep_positions for seq in taken])
+        except Exception:
+            log.exception("prefill failed for %d sequences", len(taken))
+            for seq in taken:
                 seq.sink.failed(RequestError(grpc.StatusCode.INTERNAL, "prefill failed"))
+            return
+        prefill_s = (time.monotonic() - t0) / len(taken)
+        for seq, emb, (logits, cache, pruned) in zip(taken, embeds, prefilled, strict=True):
+            self._join(seq, emb.shape[1], logits, cache, pruned, admitted_at, vision_s, prefill_s)
 
     def _vision(self, taken: list[SequenceInput]) -> list[torch.Tensor]:
         """Visual token embeddings of each sequence, from one vision-tower batch of all their tiles."""
@@ -276,12 +287,18 @@ class BatchScheduler:
         sizes = [seq.pixel_values.shape[0] * per_tile for seq in taken]
         return list(torch.split(features, sizes))
 
-    def _prefill(
-        self, seq: SequenceInput, features: torch.Tensor, admitted_at: float, vision_s: float
+    def _join(
+        self,
+        seq: SequenceInput,
+        prompt_tokens: int,
+        logits: torch.Tensor,
+        prefilled: DynamicCache,
+        pruned: int,
+        admitted_at: float,
+        vision_s: float,
+        prefill_s: float,
     ) -> None:
-        t0 = time.monotonic()
-        embeds = self.model.embed(torch.from_numpy(seq.input_ids), features)  # [1, S, hidden]
-        logits, prefilled, pruned = self.model.prefill(embeds, seq.keep_positions)
+        """Choose a prefilled sequence's first token; unless that ends it, add it as a batch row."""
         chooser = TokenChooser(seq.sampling)
         token = chooser.choose(logits)
         _sync(self.model.device)
@@ -290,11 +307,11 @@ class BatchScheduler:
             seq=seq,
             chooser=chooser,
             tokens=[token],
-            prompt_tokens=embeds.shape[1],
+            prompt_tokens=prompt_tokens,
             pruned_prompt_tokens=pruned,
             admitted_at=admitted_at,
             vision_s=vision_s,
-            prefill_s=now - t0,
+            prefill_s=prefill_s,
             first_token_at=now,
             logits=[logits.cpu()] if seq.record_logits else None,
         )

@@ -133,6 +133,19 @@ class SGPModel:
         mask = torch.full((length, length), torch.finfo(dtype).min, dtype=dtype, device=self.device)
         return mask.triu(1)[None, None]  # [1, 1, length, length]
 
+    def _padded_causal_mask(self, lengths: list[int], total: int, dtype: torch.dtype) -> torch.Tensor:
+        """[rows, 1, total, total] additive mask: causal, and no key past a row's own length.
+
+        Query positions past a row's length (padding) keep their causal past, so
+        no softmax row is empty (NaN); their outputs are never read.
+        """
+        i = torch.arange(total, device=self.device)[:, None]
+        j = torch.arange(total, device=self.device)[None]
+        length = torch.tensor(lengths, device=self.device)[:, None, None]  # [rows, 1, 1]
+        allowed = (j <= i) & ((j < length) | (i >= length))  # [rows, total, total]
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device)
+        return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
     def _run_layers(
         self,
         hidden: torch.Tensor,
@@ -140,10 +153,15 @@ class SGPModel:
         layers: range,
         cache: DynamicCache,
         causal: bool,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """hidden: [1, n, hidden], position_ids: [1, n] -> hidden after ``layers`` (cache updated)."""
+        """hidden: [rows, n, hidden], position_ids: [rows, n] -> hidden after ``layers`` (cache updated).
+
+        ``mask`` (additive, [rows, 1, n, n]) replaces the causal mask this builds for eager attention.
+        """
         position_embeddings = self.language_model.rotary_emb(hidden, position_ids)
-        mask = self._causal_mask(hidden.shape[1], hidden.dtype) if causal else None
+        if mask is None and causal:
+            mask = self._causal_mask(hidden.shape[1], hidden.dtype)
         for i in layers:
             hidden = self.language_model.layers[i](
                 hidden,
@@ -181,6 +199,59 @@ class SGPModel:
         return self._logits(hidden[:, -1:]), cache, hidden.shape[1]
 
     @torch.inference_mode()
+    def prefill_batch(
+        self, inputs_embeds: Sequence[torch.Tensor], keep_positions: Sequence[torch.Tensor | None]
+    ) -> list[tuple[torch.Tensor, DynamicCache, int]]:
+        """``prefill`` of several prompts in one padded pass; what ``prefill`` returns, per prompt.
+
+        inputs_embeds: each [1, S_i, hidden]; keep_positions: each [S'_i] or None.
+        Layers < K run the prompts right-padded to the longest, layers >= K each
+        prompt's kept positions right-padded to the longest of those, both under
+        masks that hide the padding, so each row equals its own ``prefill`` up to
+        the rounding of batched kernels. One prompt goes through ``prefill`` itself.
+        """
+        if len(inputs_embeds) == 1:
+            return [self.prefill(inputs_embeds[0], keep_positions[0])]
+        k = self.prune_layer
+        lengths = [e.shape[1] for e in inputs_embeds]
+        total = max(lengths)
+        hidden = torch.cat([torch.nn.functional.pad(e, (0, 0, 0, total - e.shape[1])) for e in inputs_embeds])
+        position_ids = torch.arange(total, device=self.device).expand(len(lengths), -1)  # [rows, S]
+        cache = DynamicCache(config=self.text_config)
+        mask = self._padded_causal_mask(lengths, total, hidden.dtype)
+        hidden = self._run_layers(hidden, position_ids, range(k), cache, causal=True, mask=mask)
+        kept = [
+            torch.arange(n, device=self.device)
+            if keep is None or k >= self.num_layers
+            else keep.to(self.device)
+            for n, keep in zip(lengths, keep_positions, strict=True)
+        ]
+        pruned = [len(keep) for keep in kept]
+        width = max(pruned)
+        # each row's kept positions, padded by repeating its last one (masked out below)
+        index = torch.stack([torch.cat([keep, keep[-1:].expand(width - len(keep))]) for keep in kept])
+        rows = torch.arange(len(lengths), device=self.device)[:, None]
+        hidden = hidden[rows, index]  # [rows, S'_max, hidden]
+        position_ids = position_ids[rows, index]  # original RoPE positions
+        mask = self._padded_causal_mask(pruned, width, hidden.dtype)
+        hidden = self._run_layers(
+            hidden, position_ids, range(k, self.num_layers), cache, causal=True, mask=mask
+        )
+        logits = self.model.lm_head(
+            self.language_model.norm(hidden[rows[:, 0], torch.tensor(pruned, device=self.device) - 1])
+        )
+        out = []
+        for row, (n, m) in enumerate(zip(lengths, pruned, strict=True)):
+            own = DynamicCache(config=self.text_config)
+            for layer, entry in enumerate(cache.layers):
+                length = n if layer < k else m
+                own.update(
+                    entry.keys[row : row + 1, :, :length], entry.values[row : row + 1, :, :length], layer
+                )
+            out.append((logits[row].float(), own, m))
+        return out
+
+    @torch.inference_mode()
     def decode_step(self, token_id: int, position: int, cache: DynamicCache) -> torch.Tensor:
         """One new token at absolute position ``position`` -> next-token logits [vocab]."""
         ids = torch.tensor([[token_id]], device=self.device)
@@ -190,7 +261,9 @@ class SGPModel:
         return self._logits(hidden)
 
     @torch.inference_mode()
-    def decode_batch(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: RowKVCache) -> torch.Tensor:
+    def decode_batch(
+        self, token_ids: torch.Tensor, positions: torch.Tensor, cache: RowKVCache
+    ) -> torch.Tensor:
         """One decode step for every row of ``cache``.
 
         token_ids, positions: [rows] (each row's last token and its absolute

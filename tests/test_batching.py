@@ -308,3 +308,29 @@ def test_request_joins_after_the_buffers_grew_during_decode(hf, cases):
     assert second.result.token_ids == data[1]["alone"].token_ids
     embeds = sgp.embed(long["ids"][0], sgp.image_features(long["pixels"]))
     assert first.result.token_ids == sgp.generate(embeds, long["keep"], 80, eos_ids(tokenizer)).token_ids
+
+
+@pytest.mark.parametrize("k", [0, 2, 4])
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_padded_prefill_equals_each_prompt_alone(hf, cases, k, attention):
+    """prefill_batch (prompts right-padded, then each row's kept tokens padded) against prefill of
+    each prompt alone: next-token logits and every layer's KV. Guards against padding that leaks
+    into attention, kept rows gathered from the wrong sequence, and per-row caches cut at the
+    wrong length (layers < K hold S, layers >= K hold S')."""
+    model, _, _ = hf
+    _, data = cases
+    model.config.text_config._attn_implementation = attention
+    try:
+        sgp = SGPModel(model, prune_layer=k)
+        picked = data[:5]  # different lengths, R = 100 / 35 / 9%
+        embeds = [sgp.embed(c["ids"][0], sgp.image_features(c["pixels"])) for c in picked]
+        batched = sgp.prefill_batch(embeds, [c["keep"] for c in picked])
+        for case, emb, (logits, cache, pruned) in zip(picked, embeds, batched, strict=True):
+            ref_logits, ref_cache, ref_pruned = sgp.prefill(emb, case["keep"])
+            assert pruned == ref_pruned
+            torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+            for mine, ref in zip(cache.layers, ref_cache.layers, strict=True):
+                assert mine.keys.shape == ref.keys.shape
+                torch.testing.assert_close(mine.values, ref.values, atol=1e-4, rtol=1e-4)
+    finally:
+        model.config.text_config._attn_implementation = "sdpa"
