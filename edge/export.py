@@ -583,9 +583,11 @@ def verify_export(model_dir: str | Path, edge_dir: str | Path, dtype: str, seed:
     length = len(prompt.input_ids)
     query_mask = (np.arange(length) >= prompt.visual_end).astype(np.float32)
     prefill = (embeds[None], np.arange(length)[None], query_mask[None])
-    step = edge.decode(*prefill, edge.empty_cache(), num_logits=length)
+    # lean graphs: KV buffers of exactly what the passes below fill (not the whole context)
+    capacity = length + VERIFY_DECODE_STEPS
+    step = edge.decode(*prefill, edge.empty_cache(capacity=capacity), num_logits=length)
     # what generation runs: the head on the last position only
-    last = edge.decode(*prefill, edge.empty_cache(), num_logits=1)
+    last = edge.decode(*prefill, edge.empty_cache(capacity=capacity), num_logits=1)
     checks.append(_check("prefill last logits", last.logits[0], passes[0].logits[-1:], tol.logits))
     steps = [step]
     for index, token in enumerate(fed):
