@@ -43,6 +43,20 @@ AUTH_TOKEN_ENV = "STITCH_AUTH_TOKEN"  # the same variable stitch-cloud reads its
 EXIT_OK, EXIT_CLOUD_FAILED = 0, 1  # usage errors exit 2 through argparse
 
 
+def add_generation_arguments(command: argparse.ArgumentParser) -> None:
+    """R, r_c and the token budget, shared by ask and calibrate (calibrate with what ask will run)."""
+    command.add_argument(
+        "--retention", type=float, default=0.09, help="R: share of visual tokens sent as kept"
+    )
+    command.add_argument(
+        "--consistency-retention",
+        type=float,
+        default=DEFAULT_CONSISTENCY_RETENTION,
+        help="r_c: share of visual tokens in the gate's consistency pass",
+    )
+    command.add_argument("--max-new-tokens", type=int, default=32, help="generation budget, edge and cloud")
+
+
 def add_cloud_arguments(command: argparse.ArgumentParser) -> None:
     """--cloud, --timeout, TLS and bearer-token flags, shared by ask and calibrate."""
     command.add_argument(
@@ -88,14 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"exit on the edge when S >= tau (default: the export's {CALIBRATION_FILE} when "
         f"stitch-edge calibrate wrote one, else {DEFAULT_TAU})",
     )
-    ask.add_argument("--retention", type=float, default=0.09, help="R: share of visual tokens sent as kept")
-    ask.add_argument(
-        "--consistency-retention",
-        type=float,
-        default=DEFAULT_CONSISTENCY_RETENTION,
-        help="r_c: share of visual tokens in the gate's consistency pass",
-    )
-    ask.add_argument("--max-new-tokens", type=int, default=32, help="generation budget, edge and cloud")
+    add_generation_arguments(ask)
     ask.add_argument(
         "--on-cloud-failure",
         choices=[ON_FAILURE_DEGRADE, ON_FAILURE_RAISE],
@@ -118,14 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="synthetic:SPLIT or a JSONL file of image/question/answer",
     )
     cal.add_argument("-n", type=int, default=100, help="questions to run")
-    cal.add_argument("--retention", type=float, default=0.09, help="R sent with each escalation")
-    cal.add_argument(
-        "--consistency-retention",
-        type=float,
-        default=DEFAULT_CONSISTENCY_RETENTION,
-        help="r_c of the gate's consistency pass (use the one ask will run with)",
-    )
-    cal.add_argument("--max-new-tokens", type=int, default=32, help="generation budget, edge and cloud")
+    add_generation_arguments(cal)
     add_cloud_arguments(cal)
     target = cal.add_mutually_exclusive_group(required=True)
     target.add_argument("--target-exit-rate", type=float, help="exit on the edge at most this share")

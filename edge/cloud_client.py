@@ -306,13 +306,7 @@ class GrpcCloudClient(CloudClient):
                     raise CloudError(code, "cancelled by the caller", attempts) from None
                 if received or code not in RETRYABLE_CODES or attempts > self.max_retries:
                     raise CloudError(code, _with_attempts(details, attempts), attempts) from error
-            pause = _backoff(self.backoff_s, attempts)
-            if pause >= deadline - time.monotonic():
-                raise CloudError(
-                    code, _with_attempts(details, attempts) + "; deadline too close to retry", attempts
-                )
-            if cancellation.sleep(pause):
-                raise CloudError(grpc.StatusCode.CANCELLED, "cancelled by the caller", attempts)
+            self._pause_before_retry(code, details, attempts, deadline, cancellation)
 
     def _call(self, request: CloudRequest, timeout_s: float, cancellation: _Cancellation) -> CloudReply:
         deadline = time.monotonic() + _check_timeout(timeout_s)
@@ -335,14 +329,20 @@ class GrpcCloudClient(CloudClient):
                 code, details = call.code(), call.details() or ""
                 if code not in RETRYABLE_CODES or attempts > self.max_retries:
                     raise CloudError(code, _with_attempts(details, attempts), attempts) from error
-            pause = _backoff(self.backoff_s, attempts)
-            if pause >= deadline - time.monotonic():
-                # Sleeping past the deadline would only turn UNAVAILABLE into DEADLINE_EXCEEDED later.
-                raise CloudError(
-                    code, _with_attempts(details, attempts) + "; deadline too close to retry", attempts
-                )
-            if cancellation.sleep(pause):
-                raise CloudError(grpc.StatusCode.CANCELLED, "cancelled by the caller", attempts)
+            self._pause_before_retry(code, details, attempts, deadline, cancellation)
+
+    def _pause_before_retry(
+        self, code: grpc.StatusCode, details: str, attempts: int, deadline: float, cancellation: _Cancellation
+    ) -> None:
+        """Back off before the next attempt, or raise when the deadline or the caller will not wait."""
+        pause = _backoff(self.backoff_s, attempts)
+        if pause >= deadline - time.monotonic():
+            # Sleeping past the deadline would only turn UNAVAILABLE into DEADLINE_EXCEEDED later.
+            raise CloudError(
+                code, _with_attempts(details, attempts) + "; deadline too close to retry", attempts
+            )
+        if cancellation.sleep(pause):
+            raise CloudError(grpc.StatusCode.CANCELLED, "cancelled by the caller", attempts)
 
 
 @dataclass(frozen=True)
