@@ -255,25 +255,20 @@ class BatchScheduler:
         if not taken:
             return
         admitted_at = time.monotonic()
+        stage = "vision tower"
         try:
             features = self._vision(taken)
-        except Exception:
-            log.exception("vision tower failed for %d sequences", len(taken))
-            for seq in taken:
-                seq.sink.failed(RequestError(grpc.StatusCode.INTERNAL, "vision tower failed"))
-            return
-        vision_s = (time.monotonic() - admitted_at) / len(taken)
-        try:
-            t0 = time.monotonic()
+            vision_s = (time.monotonic() - admitted_at) / len(taken)
+            stage, t0 = "prefill", time.monotonic()
             embeds = [
                 self.model.embed(torch.from_numpy(seq.input_ids), feats)  # [1, S, hidden]
                 for seq, feats in zip(taken, features, strict=True)
             ]
             prefilled = self.model.prefill_batch(embeds, [seq.keep_positions for seq in taken])
         except Exception:
-            log.exception("prefill failed for %d sequences", len(taken))
+            log.exception("%s failed for %d sequences", stage, len(taken))
             for seq in taken:
-                seq.sink.failed(RequestError(grpc.StatusCode.INTERNAL, "prefill failed"))
+                seq.sink.failed(RequestError(grpc.StatusCode.INTERNAL, f"{stage} failed"))
             return
         prefill_s = (time.monotonic() - t0) / len(taken)
         for seq, emb, (logits, cache, pruned) in zip(taken, embeds, prefilled, strict=True):
