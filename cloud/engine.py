@@ -34,7 +34,7 @@ from ..shared.errors import RequestError, clip_text
 from ..shared.layout import layout_fingerprint
 from ..shared.model_files import ModelFiles
 from ..shared.preprocess import decode_image, preprocess_image
-from ..shared.prompt import build_prompt, decode_answer
+from ..shared.prompt import build_prompt, check_chat_template, decode_answer
 from ..shared.scoring import keep_count
 from ..shared.types import CloudReply, CloudRequest, Timings
 from .scheduler import BatchConfig, BatchScheduler, SequenceInput, SequenceResult, SequenceSink, StepObserver
@@ -131,8 +131,6 @@ class CloudEngine:
         chat template cannot place the image (``check_chat_template``). With
         ``config.device_map`` accelerate places the layers (``device`` unused).
         """
-        from ..shared.prompt import check_chat_template
-
         files = ModelFiles.load(config.model_dir)
         check_chat_template(files)
         options = {"dtype": DTYPES[config.dtype], "attn_implementation": "sdpa", "local_files_only": True}
