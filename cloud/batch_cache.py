@@ -40,6 +40,7 @@ class RowKVLayer(CacheLayerMixin):
         self.max_length = max_length  # positions they may grow to (the model's context); None = unbounded
         self.lengths: list[int] = []  # valid positions per row, rows 0..len-1
         self._positions: torch.Tensor | None = None  # [rows] write positions of the current decode step
+        self._rows: torch.Tensor | None = None  # [rows] arange, the row index of those writes
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         # key_states: [1, kv_heads, S, head_dim]
@@ -96,17 +97,20 @@ class RowKVLayer(CacheLayerMixin):
             self.lengths[row] = n
         self.lengths.pop()
 
-    def begin_step(self) -> None:
-        """Before a decode step: room for one more position per row, and where each row writes it."""
-        longest = max(self.lengths)
-        self._reserve(self.rows, longest + 1)
-        self._positions = torch.tensor(self.lengths, dtype=torch.long, device=self.device)
+    def begin_step(self, positions: torch.Tensor, rows: torch.Tensor) -> None:
+        """Before a decode step: room for one more position per row, and where each row writes it.
+
+        positions: [rows] this layer's lengths on its device; rows: arange(rows) there (both
+        shared by the layers with the same lengths, so a step copies them to the device once).
+        """
+        self._reserve(self.rows, max(self.lengths) + 1)
+        self._positions, self._rows = positions, rows
 
     def end_step(self, completed: bool = True) -> None:
         """After a decode step; ``completed=False`` (the step failed) leaves every length as it was."""
         if completed:
             self.lengths = [n + 1 for n in self.lengths]
-        self._positions = None
+        self._positions = self._rows = None
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
@@ -118,9 +122,8 @@ class RowKVLayer(CacheLayerMixin):
             raise ValueError(
                 f"a decode step takes one new position per row: got {tuple(key_states.shape)} for {self.rows} rows"
             )
-        rows = torch.arange(self.rows, device=self.device)
-        self.keys[rows, :, self._positions] = key_states[:, :, 0]
-        self.values[rows, :, self._positions] = value_states[:, :, 0]
+        self.keys[self._rows, :, self._positions] = key_states[:, :, 0]
+        self.values[self._rows, :, self._positions] = value_states[:, :, 0]
         end = max(self.lengths) + 1
         return self.keys[: self.rows, :, :end], self.values[: self.rows, :, :end]
 
@@ -183,17 +186,22 @@ class RowKVCache(Cache):
         dtype's minimum, so softmax gives it exactly zero weight.
         """
         masks: list[torch.Tensor] = []
-        by_lengths: dict[tuple[int, ...], torch.Tensor] = {}
+        # one (write positions, mask) per distinct length profile: layers < K share one, >= K another
+        by_lengths: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        rows = None
         for layer in self.layers:
-            layer.begin_step()
             key = tuple(layer.lengths)
             if key not in by_lengths:
-                valid = torch.tensor(key, device=layer.device)[:, None] + 1  # [rows, 1]
+                positions = torch.tensor(key, dtype=torch.long, device=layer.device)  # [rows]
                 span = torch.arange(max(key) + 1, device=layer.device)[None]  # [1, L + 1]
                 mask = torch.zeros(span.shape[1], dtype=dtype, device=layer.device).expand(len(key), -1)
-                mask = mask.masked_fill(span >= valid, torch.finfo(dtype).min)
-                by_lengths[key] = mask[:, None, None, :]
-            masks.append(by_lengths[key])
+                mask = mask.masked_fill(span > positions[:, None], torch.finfo(dtype).min)
+                by_lengths[key] = positions, mask[:, None, None, :]
+            positions, mask = by_lengths[key]
+            if rows is None or rows.device != positions.device:
+                rows = torch.arange(len(key), device=positions.device)
+            layer.begin_step(positions, rows)
+            masks.append(mask)
         return masks
 
     def end_step(self, completed: bool = True) -> None:
