@@ -23,14 +23,17 @@ SIDECAR_NAME = "stitch_edge.json"
 # Bump when a field changes meaning; the runtime refuses other versions.
 # 2: decoder input num_logits (logits of the last n positions only) and with_scores.
 # 3: graph ("explicit" or "lean"); a version-2 sidecar reads as graph "explicit".
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (2, 3)
+# 4: quant (weight-only quantization, or null); older sidecars read as quant null.
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (2, 3, 4)
 # Export dtypes and the numpy dtype of the tensors the graphs exchange in that dtype.
 DTYPES = {"fp32": "float32", "fp16": "float16"}
 # Decoder graphs: "explicit" (traced ``ScoringDecoder``: written-out attention, KV grown by
 # Concat, past/present [batch, kv_heads, past(+seq), head_dim]) and "lean" (``lean_decoder``:
 # fused ops, KV in buffers of a fixed capacity shared between past and present).
 GRAPHS = ("explicit", "lean")
+# Weight-only quantization (``stitch-export --quant``): name -> bits of the MatMul weights.
+QUANT_BITS = {"int4": 4, "int8": 8}
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,32 @@ class GraphIO:
 
 
 @dataclass(frozen=True)
+class WeightQuant:
+    """What ``stitch-export --quant`` quantized: MatMul weights as ``com.microsoft.MatMulNBits``.
+
+    Only constant 2-D MatMul weights are quantized (block-wise along K, one
+    scale per block); activations, KV cache, norms, biases, the vision
+    tower's patch convolution and the embedding matrix stay in the export
+    dtype. The runtime needs nothing of this: ORT runs MatMulNBits like any
+    other op. It is here so that a directory says what it holds.
+    """
+
+    scheme: str  # a key of QUANT_BITS
+    bits: int  # bits per quantized weight (QUANT_BITS[scheme])
+    block_size: int  # weights along K sharing one scale
+    symmetric: bool  # True: no zero points (int4 range [-8, 7], int8 [-128, 127])
+    # MatMulNBits accuracy_level: 0 = unset (computes in the activation dtype);
+    # 4 = int8 activations on the CPU (faster, and a second source of error).
+    accuracy_level: int
+    graphs: dict[str, int]  # graph file -> MatMul weights quantized in it
+    lm_head: bool  # whether the decoder's LM head is among them
+
+    def __post_init__(self) -> None:
+        if QUANT_BITS.get(self.scheme) != self.bits:
+            raise ValueError(f"quant scheme {self.scheme!r} with {self.bits} bits (known: {QUANT_BITS})")
+
+
+@dataclass(frozen=True)
 class EdgeSidecar:
     """Everything about an export directory that is not in the checkpoint's own files."""
 
@@ -123,6 +152,8 @@ class EdgeSidecar:
     with_scores: bool = True
     # Which decoder graph (GRAPHS): how the runtime must hold and bind its KV cache.
     graph: str = "explicit"
+    # Weight-only quantization of the graphs, None for float weights (the default export).
+    quant: WeightQuant | None = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -178,6 +209,7 @@ class EdgeSidecar:
             opset=data["opset"],
             with_scores=data["with_scores"],
             graph=data["graph"] if version >= 3 else "explicit",
+            quant=_build(WeightQuant, data["quant"]) if version >= 4 and data["quant"] is not None else None,
             format_version=FORMAT_VERSION,
         )
 

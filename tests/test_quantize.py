@@ -1,0 +1,191 @@
+"""Weight-only quantized exports (``stitch-export --quant int4|int8``, ``edge.quantize``).
+
+On the tiny random checkpoint (``conftest.tiny_checkpoint``), both decoder
+graphs. The quantized graphs are compared with the float export of the same
+checkpoint (``compare_quantized``: a greedy generation of the float graphs,
+the quantized ones teacher-forced along it). A random tiny model has no
+redundancy in its weights, so int4 moves it far more than it moves a trained
+model (bench/quant_quality.py measures the embedded pair); the bounds below
+are the tiny model's measured deviations with margin, not a quality claim.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+
+from conftest import make_test_image  # noqa: E402
+from test_runtime import _NO_TORCH_SCRIPT  # noqa: E402
+
+from stitchvlm.edge import quantize  # noqa: E402
+from stitchvlm.edge.export import ExportConfig, export_edge, main  # noqa: E402
+from stitchvlm.edge.quantize import OVERLAP_RETENTIONS, compare_quantized  # noqa: E402
+from stitchvlm.edge.runtime import CPU, EdgeModel  # noqa: E402
+from stitchvlm.edge.sidecar import SIDECAR_NAME, EdgeSidecar  # noqa: E402
+
+# Measured on the tiny checkpoint (identical for both graphs, same weights and quantizer):
+#   int8: image_embeds 8.1e-3 of max, logits 6.1e-2 of max, cosine 0.9975, scores 3.1e-2,
+#         top-R overlap 1.0 / 1.0 / 1.0 at 9 / 35 / 64%, greedy agreement 1.0;
+#   int4: image_embeds 0.17, logits 0.72, cosine 0.59, scores 0.22, overlap 0.6 / 0.73 / 0.88.
+# Bounds with margin. The floors sit well above chance (a random kept set overlaps R of the float
+# one): a quantized graph with wrong scales, packing or transposition, or a score read from the
+# wrong rows of the fused q|k|v, computes something unrelated and lands near chance.
+BOUNDS = {
+    "int8": dict(embeds_rel=0.03, logits_rel=0.15, cosine=0.99, scores_rel=0.1, agreement=0.75),
+    "int4": dict(embeds_rel=0.35, logits_rel=1.0, cosine=0.45, scores_rel=0.45, agreement=0.0),
+}
+OVERLAP_FLOORS = {
+    "int8": {0.09: 0.8, 0.35: 0.9, 0.64: 0.9},
+    "int4": {0.09: 0.4, 0.35: 0.55, 0.64: 0.75},
+}
+SCHEMES = ("int8", "int4")
+GRAPHS = ("lean", "explicit")
+
+
+@pytest.fixture(scope="module")
+def float_dirs(tiny_checkpoint, tiny_edge_dir, tmp_path_factory) -> dict[str, Path]:
+    lean = tmp_path_factory.mktemp("edge") / "lean-fp32"
+    export_edge(ExportConfig(model_dir=tiny_checkpoint, out_dir=lean, graph="lean", verify=False))
+    return {"explicit": tiny_edge_dir, "lean": lean}
+
+
+@pytest.fixture(scope="module")
+def quant_dirs(tiny_checkpoint, tmp_path_factory) -> dict[tuple[str, str], Path]:
+    """Every (graph, scheme), exported through the console script with verification on."""
+    dirs = {}
+    for graph in GRAPHS:
+        for scheme in SCHEMES:
+            out = tmp_path_factory.mktemp("edge") / f"{graph}-{scheme}"
+            args = ["--model", str(tiny_checkpoint), "--out", str(out), "--graph", graph, "--quant", scheme]
+            assert main(args) == 0
+            dirs[graph, scheme] = out
+    return dirs
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quantized_graphs_stay_within_measured_deviation(float_dirs, quant_dirs, graph, scheme):
+    """Guards against quantized graphs that run but compute something else (wrong block layout,
+    scales or zero points, a transposed weight, the fused q|k|v split wrongly for the score),
+    and against the score's top-R sets drifting from the float graphs' past the floors."""
+    reference = EdgeModel.load(float_dirs[graph], providers=[CPU])
+    quantized = EdgeModel.load(quant_dirs[graph, scheme], providers=[CPU])
+    report = compare_quantized(reference, quantized, scheme)
+    bounds = BOUNDS[scheme]
+    assert report.image_embeds_rel <= bounds["embeds_rel"], report.lines()
+    assert report.logits_rel <= bounds["logits_rel"], report.lines()
+    assert report.logits_cosine >= bounds["cosine"], report.lines()
+    assert report.scores_rel <= bounds["scores_rel"], report.lines()
+    assert report.token_agreement >= bounds["agreement"], report.lines()
+    assert report.image_embeds_rel > 0 and report.logits_max_abs > 0  # the weights really changed
+    assert set(report.overlap) == set(OVERLAP_RETENTIONS)
+    for retention, floor in OVERLAP_FLOORS[scheme].items():
+        assert report.overlap[retention] >= floor, report.lines()
+    assert not report.broken
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_sidecar_records_what_was_quantized(float_dirs, quant_dirs, scheme):
+    """Guards against a directory that does not say it is quantized (or says so wrongly), against
+    MatMul weights left in float (or other ops quantized), and against a default export that is
+    quantized: ``--quant`` is opt-in."""
+    out = quant_dirs["lean", scheme]
+    sidecar = EdgeSidecar.load(out)
+    quant = sidecar.quant
+    assert (quant.scheme, quant.bits, quant.block_size, quant.symmetric) == (
+        scheme,
+        int(scheme[3:]),
+        32,
+        True,
+    )
+    assert quant.lm_head and sidecar.dtype == "fp32"
+    for name in (sidecar.graphs.vision, sidecar.graphs.decoder):
+        graph = onnx.load(str(out / name)).graph
+        weights = {t.name for t in graph.initializer}
+        packed = [n for n in graph.node if n.op_type == "MatMulNBits"]
+        assert len(packed) == quant.graphs[name] > 0
+        assert {a.i for n in packed for a in n.attribute if a.name == "bits"} == {quant.bits}
+        # no MatMul with a constant weight is left
+        assert not [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+        assert (out / name).stat().st_size < (float_dirs["lean"] / name).stat().st_size
+    layers = sidecar.dims.num_layers
+    # lean: fused q|k|v, o, gate, up, down per layer and the LM head
+    assert quant.graphs[sidecar.graphs.decoder] == 5 * layers + 1
+    for float_dir in float_dirs.values():
+        assert EdgeSidecar.load(float_dir).quant is None
+        assert "MatMulNBits" not in {n.op_type for n in onnx.load(str(float_dir / "decoder.onnx")).graph.node}
+
+
+def test_sidecar_quant_round_trips_and_older_versions_read_unquantized(quant_dirs):
+    """Guards against the quant record lost or mangled through JSON, and against version-3
+    sidecars (written before the field) failing to load."""
+    text = (quant_dirs["lean", "int4"] / SIDECAR_NAME).read_text()
+    sidecar = EdgeSidecar.from_json(text)
+    assert EdgeSidecar.from_json(sidecar.to_json()) == sidecar
+    data = json.loads(text)
+    older = {key: value for key, value in data.items() if key != "quant"} | {"format_version": 3}
+    assert EdgeSidecar.from_json(json.dumps(older)).quant is None
+    with pytest.raises(ValueError, match="quant scheme"):
+        EdgeSidecar.from_json(json.dumps({**data, "quant": {**data["quant"], "bits": 8}}))
+
+
+def test_quantized_generation_runs_without_torch(quant_dirs, tmp_path):
+    """Guards against a quantized export the torch-free runtime cannot open or run end to end
+    (MatMulNBits, the lean graph's shared buffers, the consistency pass), and against results
+    that depend on torch being loaded."""
+    out = quant_dirs["lean", "int4"]
+    image_path = tmp_path / "image.png"
+    make_test_image(150, 90, seed=3).save(image_path)
+    question = "What colour is the circle?"
+    run = subprocess.run(
+        [sys.executable, "-c", _NO_TORCH_SCRIPT, str(out), str(image_path), question],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["leaked"] == []
+    edge = EdgeModel.load(out, providers=[CPU])
+    gen = edge.generate(image_path.read_bytes(), question, 4)
+    assert result["tokens"] == list(gen.token_ids)
+    np.testing.assert_array_equal(np.array(result["scores"]), gen.visual_scores)
+    probs = edge.teacher_forced_probs(gen.prompt, gen.image_embeds, np.arange(3), gen.token_ids)
+    assert probs.shape == (len(gen.token_ids),) and np.isfinite(probs).all()
+
+
+def test_broken_quantized_graphs_fail_the_export(tiny_checkpoint, tmp_path, monkeypatch):
+    """Guards against an export publishing quantized graphs its comparison found broken."""
+    real = quantize.compare_quantized
+
+    def broken(*args, **kwargs):
+        return replace(real(*args, **kwargs), logits_cosine=0.0)
+
+    monkeypatch.setattr("stitchvlm.edge.export.compare_quantized", broken)
+    out = tmp_path / "broken"
+    with pytest.raises(ValueError, match="broken"):
+        export_edge(ExportConfig(model_dir=tiny_checkpoint, out_dir=out, graph="lean", quant="int4"))
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # no staging or float directory left behind
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("quant", "int2", "quant must be"),
+        ("quant_block_size", 24, "power of two"),
+        ("quant_accuracy_level", 5, "0..4"),
+    ],
+)
+def test_bad_quant_settings_are_refused(tiny_checkpoint, tmp_path, field, value, match):
+    with pytest.raises(ValueError, match=match):
+        ExportConfig(model_dir=tiny_checkpoint, out_dir=tmp_path / "x", **{field: value})
