@@ -27,7 +27,7 @@ import numpy as np
 
 from stitchvlm.edge.export import ExportConfig, export_edge
 from stitchvlm.edge.gate import DEFAULT_CONSISTENCY_RETENTION, DEFAULT_TAU, consistency_probs
-from stitchvlm.edge.quantize import OVERLAP_RETENTIONS
+from stitchvlm.edge.quantize import DEFAULT_BLOCK_SIZE, OVERLAP_RETENTIONS
 from stitchvlm.edge.runtime import CPU, EdgeModel
 from stitchvlm.shared.scoring import confidence_score, consistency_score, top_r_indices
 from stitchvlm.shared.synthetic import exact_match, iter_dataset
@@ -93,7 +93,8 @@ def summarize(records: list[dict], reference: list[dict], tau: float) -> dict:
 def markdown(results: dict, args: argparse.Namespace) -> str:
     keys = list(next(iter(results.values())))
     lines = [
-        f"Embedded small model, {args.n} synthetic test examples, graph {args.graph}, tau {args.tau}, "
+        f"Embedded small model, {args.n} synthetic test examples, graph {args.graph}, "
+        f"block {args.block_size}, tau {args.tau}, "
         f"{args.threads} thread(s); timings are medians.",
         "",
         "| scheme | " + " | ".join(keys) + " |",
@@ -114,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tau", type=float, default=DEFAULT_TAU)
     parser.add_argument("--graph", choices=("explicit", "lean"), default="lean")
+    parser.add_argument(
+        "--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="stitch-export --quant-block-size"
+    )
     parser.add_argument("--threads", type=int, default=1, help="ORT intra-op threads")
     parser.add_argument("--out", type=Path, default=None, help="write a markdown table here")
     args = parser.parse_args(argv)
@@ -126,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for scheme in SCHEMES:
             out = Path(tmp) / scheme
-            export_edge(ExportConfig(model_dir=model, out_dir=out, graph=args.graph, quant=scheme))
+            config = ExportConfig(
+                model_dir=model, out_dir=out, graph=args.graph, quant=scheme, quant_block_size=args.block_size
+            )
+            export_edge(config)
             edge = EdgeModel.load(out, providers=[CPU], session_options=options)
             started = time.perf_counter()
             records = run_scheme(edge, args.n, args.seed, args.tau)

@@ -35,9 +35,9 @@ refuses it (the tests compare it with the scored graph instead).
 
 ``--quant int4|int8`` (default ``none``: float weights) then quantizes the
 verified graphs' MatMul weights, vision and decoder, explicit or lean, to
-``com.microsoft.MatMulNBits`` (``quantize``: block-wise, symmetric, block
-``--quant-block-size`` 32), records that in the sidecar's ``quant``, and
-compares the quantized graphs with the float ones (logits max abs / relative
+``com.microsoft.MatMulNBits`` (``quantize``: block-wise, symmetric,
+``--quant-block-size`` 32, ``--quant-accuracy-level`` 0 for int4 and 4 for
+int8), records that in the sidecar's ``quant``, and compares the quantized graphs with the float ones (logits max abs / relative
 deviation, greedy agreement, the score's top-R overlap at 9/35/64% over a short
 greedy generation). It reports those deviations and fails only for graphs that
 are broken rather than quantized (``quantize.BROKEN_COSINE``).
@@ -157,7 +157,9 @@ class ExportConfig:
     # The float graphs are exported and verified first, then quantized and compared with them.
     quant: str = "none"
     quant_block_size: int = DEFAULT_BLOCK_SIZE  # MatMulNBits block along K: a power of two >= 16
-    quant_accuracy_level: int = 0  # MatMulNBits accuracy_level: 0 (unset) or 1..4 (4: int8 activations)
+    # MatMulNBits accuracy_level: 0 (unset: compute in the activation dtype) .. 4 (int8 activations);
+    # None: quantize.DEFAULT_ACCURACY_LEVEL of the scheme (int4 0, int8 4).
+    quant_accuracy_level: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -167,7 +169,7 @@ class ExportConfig:
         size = self.quant_block_size
         if size < 16 or size & (size - 1):
             raise ValueError(f"quant_block_size must be a power of two >= 16, got {size}")
-        if self.quant_accuracy_level not in range(5):
+        if self.quant_accuracy_level is not None and self.quant_accuracy_level not in range(5):
             raise ValueError(f"quant_accuracy_level must be 0..4, got {self.quant_accuracy_level}")
         if self.graph not in GRAPHS:
             raise ValueError(f"graph must be one of {GRAPHS}, got {self.graph!r}")
@@ -450,9 +452,12 @@ def _quantize_verified(config: ExportConfig, out: Path, sidecar: EdgeSidecar) ->
             for path in (out / name, out / f"{name}.data"):
                 if path.exists():
                     os.replace(path, float_dir / path.name)
-        progress(f"quantizing MatMul weights to {config.quant} (block {config.quant_block_size})")
         quant = quantize_export(
             float_dir, out, sidecar, config.quant, config.quant_block_size, config.quant_accuracy_level
+        )
+        progress(
+            f"quantized MatMul weights to {quant.scheme} (block {quant.block_size}, "
+            f"accuracy_level {quant.accuracy_level})"
         )
         progress("  " + ", ".join(f"{name}: {count} MatMul weights" for name, count in quant.graphs.items()))
         sidecar = replace(sidecar, quant=quant)
@@ -502,8 +507,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quant-accuracy-level",
         type=int,
-        default=0,
-        help="MatMulNBits accuracy_level: 0 computes in the activation dtype, 4 with int8 activations",
+        default=None,
+        help="MatMulNBits accuracy_level: 0 computes in the activation dtype, 4 with int8 activations "
+        "(default: 0 for int4, 4 for int8, whose CPU kernel is slow otherwise)",
     )
     args = parser.parse_args(argv)
     try:

@@ -33,18 +33,22 @@ from stitchvlm.edge.runtime import CPU, EdgeModel  # noqa: E402
 from stitchvlm.edge.sidecar import SIDECAR_NAME, EdgeSidecar  # noqa: E402
 
 # Measured on the tiny checkpoint (identical for both graphs, same weights and quantizer):
-#   int8: image_embeds 8.1e-3 of max, logits 6.1e-2 of max, cosine 0.9975, scores 3.1e-2,
-#         top-R overlap 1.0 / 1.0 / 1.0 at 9 / 35 / 64%, greedy agreement 1.0;
-#   int4: image_embeds 0.17, logits 0.72, cosine 0.59, scores 0.22, overlap 0.6 / 0.73 / 0.88.
+#   int8 (accuracy_level 4: int8 activations too): image_embeds 1.2e-2 of max, logits 7.5e-2 of
+#         max, cosine 0.9946, scores 2.9e-2, top-R overlap 1.0 / 0.955 / 1.0 at 9 / 35 / 64%,
+#         greedy agreement 1.0 (at accuracy_level 0: logits 6.1e-2, cosine 0.9975, overlap 1.0);
+#   int4 (accuracy_level 0): image_embeds 0.17, logits 0.72, cosine 0.59, scores 0.22,
+#         overlap 0.6 / 0.73 / 0.88, greedy agreement 0.125.
+# accuracy_level 4 quantizes activations with kernels that differ by CPU instruction set, hence
+# the wider margins for int8.
 # Bounds with margin. The floors sit well above chance (a random kept set overlaps R of the float
 # one): a quantized graph with wrong scales, packing or transposition, or a score read from the
 # wrong rows of the fused q|k|v, computes something unrelated and lands near chance.
 BOUNDS = {
-    "int8": dict(embeds_rel=0.03, logits_rel=0.15, cosine=0.99, scores_rel=0.1, agreement=0.75),
+    "int8": dict(embeds_rel=0.04, logits_rel=0.2, cosine=0.98, scores_rel=0.1, agreement=0.75),
     "int4": dict(embeds_rel=0.35, logits_rel=1.0, cosine=0.45, scores_rel=0.45, agreement=0.0),
 }
 OVERLAP_FLOORS = {
-    "int8": {0.09: 0.8, 0.35: 0.9, 0.64: 0.9},
+    "int8": {0.09: 0.8, 0.35: 0.85, 0.64: 0.9},
     "int4": {0.09: 0.4, 0.35: 0.55, 0.64: 0.75},
 }
 SCHEMES = ("int8", "int4")
@@ -108,6 +112,7 @@ def test_sidecar_records_what_was_quantized(float_dirs, quant_dirs, scheme):
         True,
     )
     assert quant.lm_head and sidecar.dtype == "fp32"
+    assert quant.accuracy_level == {"int4": 0, "int8": 4}[scheme]
     for name in (sidecar.graphs.vision, sidecar.graphs.decoder):
         graph = onnx.load(str(out / name)).graph
         weights = {t.name for t in graph.initializer}
