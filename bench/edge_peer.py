@@ -48,6 +48,7 @@ generation.
 
     python bench/edge_peer.py                      # quick shape, 1 thread, a few minutes (venv: once)
     python bench/edge_peer.py --threads 2 --repeats 5
+    python bench/edge_peer.py --text-from internvl3-1b --repeats 3   # Qwen2.5-0.5B text model, ~15 GB
 
 Progress on stderr; a markdown table on stdout, then as the last line one
 JSON object. Not run in CI.
@@ -64,7 +65,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +126,23 @@ def with_threads(genai_config: dict, threads: int) -> dict:
     options["intra_op_num_threads"] = threads
     options["inter_op_num_threads"] = 1
     return config
+
+
+TEXT_FIELDS = ("text_hidden", "text_layers", "text_heads", "text_kv_heads", "text_intermediate", "vocab")
+
+
+def peer_preset(name: str, text_from: str | None) -> BenchPreset:
+    """Preset ``name``, its text model swapped for ``text_from``'s when given (vision and image stay).
+
+    The genai peer runs the text model only, so "quick" with the text model of
+    "internvl3-1b" (Qwen2.5-0.5B) times that text model at the quick prompt
+    length without the real ViT's minutes per image.
+    """
+    preset = BenchPreset.from_name(name)
+    if text_from is None:
+        return preset
+    text = BenchPreset.from_name(text_from)
+    return replace(preset, **{field: getattr(text, field) for field in TEXT_FIELDS})
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -286,13 +304,13 @@ def quant_available() -> bool:
 
 
 def run(args: argparse.Namespace, work: Path) -> dict:
-    preset = BenchPreset.from_name(args.preset)
+    preset = peer_preset(args.preset, args.text_from)
     torch.set_num_threads(args.threads)
     bench = BenchConfig(
         preset=args.preset, dtype="fp32", device="cpu", new_tokens=args.new_tokens, repeats=args.repeats,
         threads=args.threads, torch_attn="sdpa", work_dir=work,
     )  # fmt: skip
-    log(f"building a random {args.preset} checkpoint")
+    log(f"building a random {args.preset} checkpoint (text model: {args.text_from or args.preset})")
     checkpoint = build_checkpoint(preset, work / "checkpoint", "fp32")
     model = InternVLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
     text_dir = save_text_checkpoint(model, checkpoint, work / "qwen2")
@@ -346,7 +364,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
 
 def time_all(args, bench, model, edges, raws, worker, genai, ids) -> dict:
     """Interleaved repeats of every column; medians."""
-    image = bench_image(BenchPreset.from_name(args.preset))
+    image = bench_image(BenchPreset.from_name(args.preset))  # the image depends on vision fields only
     columns: list[str] = [f"stitch_{name}" for name in edges] + [f"raw_{name}" for name in raws]
     columns += [f"genai_{p}" for p in genai] + ["torch"]
     _, gen = ort_generation(edges["lean"], image, args.new_tokens)
@@ -403,6 +421,7 @@ def summary(args: argparse.Namespace, result: dict) -> dict:
     return {
         "device": f"cpu ({os.cpu_count()} cores, {args.threads} threads; {args.machine})",
         "preset": args.preset,
+        "text_model": args.text_from or args.preset,
         "prompt_tokens": result["prompt_tokens"],
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
@@ -457,7 +476,7 @@ def print_table(args: argparse.Namespace, result: dict, line: dict) -> None:
     cols = result["columns"]
     base = cols.get("genai_fp32")
     print(
-        f"\n{args.preset}: prompt {result['prompt_tokens']} tokens, {args.new_tokens} greedy tokens (EOS ignored), "
+        f"\n{args.preset} (text model {args.text_from or args.preset}): prompt {result['prompt_tokens']} tokens, {args.new_tokens} greedy tokens (EOS ignored), "
         f"batch 1, median of {args.repeats} interleaved repeats, {line['device']}\n"
     )
     print("| column | prefill ms | decode ms | text total ms | decode tok/s | total / genai fp32 |")
@@ -476,6 +495,9 @@ def print_table(args: argparse.Namespace, result: dict, line: dict) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="quick", help="bench/presets.py shape (default quick)")
+    parser.add_argument(
+        "--text-from", default=None, help="preset whose text model replaces --preset's (e.g. internvl3-1b)"
+    )
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of every column (default 1)")

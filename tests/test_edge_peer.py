@@ -52,3 +52,19 @@ def test_median_time_counts_decode_steps_after_the_first_token():
 def test_tokens_equal_compares_only_columns_that_ran():
     tokens = {"stitch_lean": (1, 2, 3), "torch": (1, 2, 4), "genai_fp32": (5,)}
     assert edge_peer.tokens_equal(tokens) == {"stitch_lean_vs_torch": 2}
+
+
+def test_peer_preset_swaps_the_text_model_only():
+    quick, one_b = edge_peer.BenchPreset.from_name("quick"), edge_peer.BenchPreset.from_name("internvl3-1b")
+    assert edge_peer.peer_preset("quick", None) == quick
+    mixed = edge_peer.peer_preset("quick", "internvl3-1b")
+    assert (mixed.text_hidden, mixed.text_layers, mixed.vocab) == (
+        one_b.text_hidden,
+        one_b.text_layers,
+        one_b.vocab,
+    )
+    assert (mixed.vision_hidden, mixed.tile, mixed.image_size) == (
+        quick.vision_hidden,
+        quick.tile,
+        quick.image_size,
+    )
