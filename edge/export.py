@@ -36,8 +36,8 @@ refuses it (the tests compare it with the scored graph instead).
 ``--quant int4|int8`` (default ``none``: float weights) then quantizes the
 verified graphs' MatMul weights, vision and decoder, explicit or lean, to
 ``com.microsoft.MatMulNBits`` (``quantize``: block-wise, symmetric,
-``--quant-block-size`` 32, ``--quant-accuracy-level`` 0 for int4 and 4 for
-int8), records that in the sidecar's ``quant``, and compares the quantized graphs with the float ones (logits max abs / relative
+``--quant-block-size`` 32, ``--quant-accuracy-level`` 4: int8 activations),
+records that in the sidecar's ``quant``, and compares the quantized graphs with the float ones (logits max abs / relative
 deviation, greedy agreement, the score's top-R overlap at 9/35/64% over a short
 greedy generation). It reports those deviations and fails only for graphs that
 are broken rather than quantized (``quantize.BROKEN_COSINE``).
@@ -158,7 +158,7 @@ class ExportConfig:
     quant: str = "none"
     quant_block_size: int = DEFAULT_BLOCK_SIZE  # MatMulNBits block along K: a power of two >= 16
     # MatMulNBits accuracy_level: 0 (unset: compute in the activation dtype) .. 4 (int8 activations);
-    # None: quantize.DEFAULT_ACCURACY_LEVEL of the scheme (int4 0, int8 4).
+    # None: quantize.DEFAULT_ACCURACY_LEVEL of the scheme (4 for both: the fast CPU kernels).
     quant_accuracy_level: int | None = None
 
     def __post_init__(self) -> None:
@@ -509,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         help="MatMulNBits accuracy_level: 0 computes in the activation dtype, 4 with int8 activations "
-        "(default: 0 for int4, 4 for int8, whose CPU kernel is slow otherwise)",
+        "(default 4: ORT's fast CPU kernels; 8-bit at 0 is slower than float)",
     )
     args = parser.parse_args(argv)
     try:

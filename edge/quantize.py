@@ -42,17 +42,20 @@ from .sidecar import QUANT_BITS, EdgeSidecar, WeightQuant
 DEFAULT_BLOCK_SIZE = 32  # onnxruntime-genai's int4 default; ORT's quantizer defaults to 128
 # protobuf cannot hold a graph past 2 GB: larger graphs keep their weights in "<graph>.data"
 EXTERNAL_DATA_BYTES = 1 << 30
-# MatMulNBits accuracy_level by scheme when none is given. Measured on the CPU EP (1 thread, the
-# bench "quick" lean decoder, 256 x 8 layers): fp32 2.75 ms a decode step; int4 1.79 ms at level 0
-# and 1.84 at 4; int8 12.2 ms at level 0 (no fast kernel without int8 activations), 1.99 at 4.
-DEFAULT_ACCURACY_LEVEL = {"int4": 0, "int8": 4}
+# MatMulNBits accuracy_level by scheme when none is given: 4 (int8 activations, as
+# onnxruntime-genai's builder sets for the CPU). Measured on the CPU EP, lean decoder, decode step:
+# bench "quick" shape (256 x 8 layers, 1 thread): fp32 2.75 ms; int4 1.79 ms at level 0, 1.84 at 4;
+# int8 12.2 ms at level 0 (no fast kernel without int8 activations), 1.99 at 4.
+# Qwen2.5-0.5B shape (2 threads, 465-token prompt): fp32 101 ms; int4 46.7 ms at level 0, 32.8 at
+# 4; int8 44.5 at 4. Deviations from float barely move with the level (bench/results/quant_quality.md).
+DEFAULT_ACCURACY_LEVEL = {"int4": 4, "int8": 4}
 OVERLAP_RETENTIONS = (0.09, 0.35, 0.64)  # the paper's three token ratios, as kept fractions R
 COMPARE_TILES = 4  # random-pixel tiles of the comparison sample (|V| = 4 x tokens_per_tile)
 COMPARE_STEPS = 8  # greedy tokens of the comparison generation (EOS ignored)
 COMPARE_QUESTION = "What colour is the circle?"
 # Cosine similarity of centred logits, quantized vs float, under which the graphs are broken: a
 # graph computing something unrelated (wrong packing, transposed weights) gives ~0; int4 noise on
-# the tiny random test model, whose weights have no redundancy, still gives 0.59.
+# the tiny random test model, whose weights have no redundancy, still gives 0.6.
 BROKEN_COSINE = 0.25
 
 
