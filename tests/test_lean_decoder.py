@@ -10,8 +10,6 @@ tiny checkpoint (peaked attention, so masking, RoPE or score bugs show). fp32.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -30,7 +28,7 @@ from test_export import (  # noqa: E402
     _sample,
     sharpen_checkpoint,  # noqa: E402
 )
-from test_runtime import _NO_TORCH_SCRIPT, CASES, MAX_NEW_TOKENS, RETENTIONS, _hf_case  # noqa: E402
+from test_runtime import CASES, MAX_NEW_TOKENS, RETENTIONS, _hf_case, assert_same_run_without_torch  # noqa: E402
 from transformers import InternVLForConditionalGeneration  # noqa: E402
 
 from stitchvlm.edge.export import TOLERANCES, ExportConfig, export_edge, main  # noqa: E402
@@ -330,21 +328,7 @@ def test_no_scores_lean_graph_is_the_same_decoder_without_the_score(
 def test_lean_runtime_runs_with_torch_and_transformers_absent(lean_dir, lean, tmp_path):
     """Guards against the lean graph's runtime path (KVBuffers, shared binding) needing torch or
     transformers (DESIGN invariant 5), and against results that depend on them being loaded."""
-    image_path = tmp_path / "image.png"
-    make_test_image(150, 90, seed=3).save(image_path)
-    question = "What colour is the circle?"
-    run = subprocess.run(
-        [sys.executable, "-c", _NO_TORCH_SCRIPT, str(lean_dir), str(image_path), question],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert run.returncode == 0, run.stderr
-    result = json.loads(run.stdout.strip().splitlines()[-1])
-    assert result["leaked"] == []
-    in_process = lean.generate(image_path.read_bytes(), question, 4)
-    assert result["tokens"] == list(in_process.token_ids)
-    np.testing.assert_array_equal(np.array(result["scores"]), in_process.visual_scores)
+    assert_same_run_without_torch(lean_dir, lean, tmp_path)
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,7 @@ import pytest
 torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 
-from conftest import make_test_image  # noqa: E402
-from test_runtime import _NO_TORCH_SCRIPT  # noqa: E402
+from test_runtime import assert_same_run_without_torch  # noqa: E402
 
 from stitchvlm.edge import quantize  # noqa: E402
 from stitchvlm.edge.export import ExportConfig, export_edge, main  # noqa: E402
@@ -149,22 +148,8 @@ def test_quantized_generation_runs_without_torch(quant_dirs, tmp_path):
     (MatMulNBits, the lean graph's shared buffers, the consistency pass), and against results
     that depend on torch being loaded."""
     out = quant_dirs["lean", "int4"]
-    image_path = tmp_path / "image.png"
-    make_test_image(150, 90, seed=3).save(image_path)
-    question = "What colour is the circle?"
-    run = subprocess.run(
-        [sys.executable, "-c", _NO_TORCH_SCRIPT, str(out), str(image_path), question],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert run.returncode == 0, run.stderr
-    result = json.loads(run.stdout.strip().splitlines()[-1])
-    assert result["leaked"] == []
     edge = EdgeModel.load(out, providers=[CPU])
-    gen = edge.generate(image_path.read_bytes(), question, 4)
-    assert result["tokens"] == list(gen.token_ids)
-    np.testing.assert_array_equal(np.array(result["scores"]), gen.visual_scores)
+    gen = assert_same_run_without_torch(out, edge, tmp_path)
     probs = edge.teacher_forced_probs(gen.prompt, gen.image_embeds, np.arange(3), gen.token_ids)
     assert probs.shape == (len(gen.token_ids),) and np.isfinite(probs).all()
 

@@ -248,14 +248,14 @@ _NO_TORCH_SCRIPT = textwrap.dedent(
 )
 
 
-def test_runtime_runs_with_torch_and_transformers_absent(edge_dir, edge, tmp_path):
-    """Guards against the edge runtime (or anything it imports) needing torch or transformers
-    (DESIGN invariant 5), and against results that depend on them being loaded."""
+def assert_same_run_without_torch(export_dir, model, tmp_path):
+    """Generate in a subprocess where torch and transformers cannot be imported; the tokens and
+    scores must equal ``model.generate`` in this process. Returns that generation."""
     image_path = tmp_path / "image.png"
     make_test_image(150, 90, seed=3).save(image_path)
     question = "What colour is the circle?"
     run = subprocess.run(
-        [sys.executable, "-c", _NO_TORCH_SCRIPT, str(edge_dir), str(image_path), question],
+        [sys.executable, "-c", _NO_TORCH_SCRIPT, str(export_dir), str(image_path), question],
         capture_output=True,
         text=True,
         timeout=120,
@@ -263,9 +263,16 @@ def test_runtime_runs_with_torch_and_transformers_absent(edge_dir, edge, tmp_pat
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["leaked"] == []
-    in_process = edge.generate(image_path.read_bytes(), question, 4)
+    in_process = model.generate(image_path.read_bytes(), question, 4)
     assert result["tokens"] == list(in_process.token_ids)
     np.testing.assert_array_equal(np.array(result["scores"]), in_process.visual_scores)
+    return in_process
+
+
+def test_runtime_runs_with_torch_and_transformers_absent(edge_dir, edge, tmp_path):
+    """Guards against the edge runtime (or anything it imports) needing torch or transformers
+    (DESIGN invariant 5), and against results that depend on them being loaded."""
+    assert_same_run_without_torch(edge_dir, edge, tmp_path)
 
 
 @pytest.mark.gpu
