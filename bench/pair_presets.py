@@ -6,6 +6,7 @@ one tiling serves the small and the large model. Nothing here builds a model.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from stitchvlm.cloud.checkpoints import IMAGENET_MEAN, IMAGENET_STD, TinyPreset
@@ -62,32 +63,8 @@ TILING = TilingConfig(
 # family's small at patch 14. Measured on the shared 2-core CPU (1 thread, batch 8, 4 questions per image,
 # load average ~3 from other work): large 2.45 s a step (4.0M parameters), small 0.62 s (0.89M).
 CROWDED_PRESETS: dict[str, TinyPreset] = {
-    "small": TinyPreset(
-        vision_hidden=32,
-        vision_layers=2,
-        vision_heads=2,
-        image_size=224,
-        patch_size=14,
-        text_hidden=128,
-        text_layers=3,
-        text_heads=4,
-        text_kv_heads=2,
-        text_intermediate=512,
-        initializer_range=0.1,
-    ),
-    "large": TinyPreset(
-        vision_hidden=128,
-        vision_layers=4,
-        vision_heads=4,
-        image_size=224,
-        patch_size=14,
-        text_hidden=128,
-        text_layers=12,
-        text_heads=4,
-        text_kv_heads=2,
-        text_intermediate=512,
-        initializer_range=0.1,
-    ),
+    "small": replace(PRESETS["small"], patch_size=14),
+    "large": replace(PRESETS["large"], patch_size=14, text_layers=12),
 }
 CROWDED_TILING = TilingConfig(
     tile_size=224,
