@@ -242,11 +242,8 @@ class Cascade:
                 streamed = True
                 yield Chunk(piece.text, piece.token_ids, ROUTE_CLOUD)
         except CloudError as failure:
-            if streamed:
-                self._finish(edge, None, failure, 1e3 * (time.perf_counter() - t0), force_raise=True)
             error = failure
-        result = self._finish(edge, reply, error, 1e3 * (time.perf_counter() - t0))
-        yield self._last_chunk(result, local=reply is None)
+        yield self._stream_end(edge, reply, error, streamed, t0)
 
     async def stream_async(self, image: ImageInput, prompt: str) -> AsyncIterator[Chunk]:
         """``stream`` as an async generator: the ONNX work on a worker thread, the cloud stream awaited."""
@@ -264,11 +261,21 @@ class Cascade:
                 streamed = True
                 yield Chunk(piece.text, piece.token_ids, ROUTE_CLOUD)
         except CloudError as failure:
-            if streamed:
-                self._finish(edge, None, failure, 1e3 * (time.perf_counter() - t0), force_raise=True)
             error = failure
-        result = self._finish(edge, reply, error, 1e3 * (time.perf_counter() - t0))
-        yield self._last_chunk(result, local=reply is None)
+        yield self._stream_end(edge, reply, error, streamed, t0)
+
+    def _stream_end(
+        self,
+        edge: _EdgeOutcome,
+        reply: CloudReply | None,
+        error: CloudError | None,
+        streamed: bool,
+        t0: float,
+    ) -> Chunk:
+        """The last chunk of a cloud stream; raises a failure that came after text was yielded."""
+        cloud_ms = 1e3 * (time.perf_counter() - t0)
+        result = self._finish(edge, reply, error, cloud_ms, force_raise=error is not None and streamed)
+        return self._last_chunk(result, local=reply is None)
 
     @staticmethod
     def _last_chunk(result: Result, local: bool) -> Chunk:
@@ -342,7 +349,9 @@ class Cascade:
         """Count, then build the Result (or raise the cloud's error in "raise" mode or ``force_raise``)."""
         request = edge.request
         wire = self.cloud.wire_size(request) if request is not None else None
-        degraded = error is not None and self.config.on_cloud_failure == ON_FAILURE_DEGRADE and not force_raise
+        degraded = (
+            error is not None and self.config.on_cloud_failure == ON_FAILURE_DEGRADE and not force_raise
+        )
         self._count(edge, reply, error, wire, degraded)
         _log_result(edge, reply, error, wire, 1e3 * (time.perf_counter() - edge.started))
         if error is not None and not degraded:
