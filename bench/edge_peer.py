@@ -329,7 +329,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     }
     raws = {name: RawDecoder(dirs[name], bench) for name in ("lean", "lean_no_scores")}
 
-    image = bench_image(preset)
+    image = bench_image(preset.image_size)
     pixel_values, layout = preprocess_image(image, edges["lean"].files.tiling)
     ids = [int(i) for i in build_prompt(edges["lean"].files, QUESTION, layout.num_visual_tokens).input_ids]
     log(f"prompt: {len(ids)} tokens, {layout.num_visual_tokens} visual")
@@ -364,7 +364,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
 
 def time_all(args, bench, model, edges, raws, worker, genai, ids) -> dict:
     """Interleaved repeats of every column; medians."""
-    image = bench_image(BenchPreset.from_name(args.preset))  # the image depends on vision fields only
+    image = bench_image(BenchPreset.from_name(args.preset).image_size)
     columns: list[str] = [f"stitch_{name}" for name in edges] + [f"raw_{name}" for name in raws]
     columns += [f"genai_{p}" for p in genai] + ["torch"]
     _, gen = ort_generation(edges["lean"], image, args.new_tokens)

@@ -62,6 +62,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from edge_inputs import QUESTION, bench_image, session_options  # bench/edge_inputs.py  # noqa: F401
 from PIL import Image
 from presets import PRESETS, BenchPreset, internvl_config  # bench/presets.py: shared speed-bench shapes
 from transformers import InternVLForConditionalGeneration, LogitsProcessor, LogitsProcessorList
@@ -75,7 +76,6 @@ from stitchvlm.shared.preprocess import preprocess_image
 from stitchvlm.shared.prompt import build_prompt
 from stitchvlm.shared.scoring import top_r_indices
 
-QUESTION = "What colour is the triangle?"
 CONSISTENCY_RETENTION = 0.05  # r_c, DESIGN "SEE gate"
 
 
@@ -133,24 +133,8 @@ def build_checkpoint(preset: BenchPreset, out: Path, dtype: str) -> Path:
     return save_checkpoint(model, tokenizer, out, tiling)
 
 
-def session_options(threads: int) -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    # ORT's idle worker threads spin after each run; interleaved with torch on the same cores
-    # that spinning slows torch down, so neither side keeps cores busy between its own runs.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return options
-
-
 def providers(device: str) -> list[str]:
     return [CUDA, CPU] if device == "cuda" else [CPU]
-
-
-def bench_image(preset: BenchPreset) -> Image.Image:
-    rng = np.random.default_rng(0)
-    width, height = preset.image_size
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 # --------------------------------------------------------------------- (a) ORT vs torch
@@ -434,7 +418,7 @@ def run(config: BenchConfig) -> dict:
         attn_implementation=config.torch_attn,
     )
     model = model.to(config.device).eval()
-    image = bench_image(preset)
+    image = bench_image(preset.image_size)
 
     log("(a) ORT vs PyTorch generation")
     generation = compare_generation(edge, lean, model, image, config)

@@ -16,6 +16,10 @@ Requests (``{"cmd": ...}``) and their replies:
   replies {prefill_ms, decode_ms, tokens}: prefill_ms is ``append_tokens``
   (the prompt's forward pass) plus the first token's pick, decode_ms the
   ``new_tokens - 1`` passes after it, as Stitch's runtime times its own.
+- ``prefill_memory`` {name, ids, new_tokens}: the process's high-water mark
+  reset (``/proc/self/clear_refs``), then a generator sized for ``ids`` +
+  ``new_tokens`` (its KV buffers) and the prompt's pass; replies {extra_mb,
+  prefill_ms}: high-water mark - RSS before, in MB (``edge_stages.py``).
 - ``quit``.
 
 Errors come back as {error}; the process goes on.
@@ -63,6 +67,25 @@ def generate(model: og.Model, ids: list[int], new_tokens: int) -> dict:
     }
 
 
+def status_mb(field: str) -> float:
+    """A /proc/self/status memory field (VmRSS, VmHWM) in MB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def prefill_memory(model: og.Model, ids: list[int], new_tokens: int) -> dict:
+    before = status_mb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # VmHWM := current RSS
+    started = time.perf_counter()
+    gen = generator(model, len(ids) + new_tokens)
+    gen.append_tokens(np.asarray(ids, dtype=np.int32))
+    return {"extra_mb": status_mb("VmHWM") - before, "prefill_ms": 1e3 * (time.perf_counter() - started)}
+
+
 def handle(request: dict, models: dict[str, og.Model]) -> dict:
     cmd = request["cmd"]
     if cmd == "load":
@@ -72,6 +95,8 @@ def handle(request: dict, models: dict[str, og.Model]) -> dict:
         return {"logits": last_logits(models[request["name"]], request["ids"])}
     if cmd == "generate":
         return generate(models[request["name"]], request["ids"], int(request["new_tokens"]))
+    if cmd == "prefill_memory":
+        return prefill_memory(models[request["name"]], request["ids"], int(request["new_tokens"]))
     raise ValueError(f"unknown cmd {cmd!r}")
 
 
