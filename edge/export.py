@@ -16,6 +16,10 @@ Writes, into ``--out``:
   the scoring rows only; KV in buffers shared between past and present). Same
   I/O names; the sidecar's ``graph`` tells the runtime how to bind its cache.
   The traced graph (``--graph explicit``, the default) stays the reference;
+  ``--graph lean`` also builds ``vision.onnx`` op by op (``lean_vision``: fused
+  MultiHeadAttention, SkipLayerNormalization, BiasGelu; same I/O), unless
+  ``--vision-graph explicit`` keeps the traced one; the sidecar's
+  ``vision_graph`` says which;
 - ``embed_tokens.npy``: the token embedding matrix [vocab, hidden]. A plain
   array, not a third graph: the lookup is one numpy gather, the runtime needs
   single rows for each decode step and arbitrary rows for the consistency pass,
@@ -82,9 +86,20 @@ from stitchvlm.shared.prompt import build_prompt
 
 from .export_modules import ScoringDecoder, UnscoredDecoder, VisionEncoder, check_supported
 from .lean_decoder import check_lean_supported, export_lean_decoder
+from .lean_vision import check_lean_vision_supported, export_lean_vision
 from .quantize import DEFAULT_BLOCK_SIZE, compare_quantized, open_with_graphs, quantize_export
 from .runtime import CPU, EdgeModel
-from .sidecar import DTYPES, GRAPHS, QUANT_BITS, SIDECAR_NAME, DecoderDims, EdgeSidecar, GraphIO, TokenIds
+from .sidecar import (
+    DTYPES,
+    GRAPHS,
+    QUANT_BITS,
+    SIDECAR_NAME,
+    VISION_GRAPHS,
+    DecoderDims,
+    EdgeSidecar,
+    GraphIO,
+    TokenIds,
+)
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 DEFAULT_OPSET = 17  # LayerNormalization (the ViT's) needs 17
@@ -153,6 +168,9 @@ class ExportConfig:
     # Decoder graph (sidecar.GRAPHS): "explicit" traces ScoringDecoder (the reference);
     # "lean" builds lean_decoder's graph of fused ORT ops with shared KV buffers.
     graph: str = "explicit"
+    # Vision graph (sidecar.VISION_GRAPHS): "explicit" traces VisionEncoder (the reference), "lean"
+    # builds lean_vision's graph of fused ORT ops. None: the same kind as ``graph``.
+    vision_graph: str | None = None
     # Weight-only quantization (``quantize``): "none" or a key of sidecar.QUANT_BITS ("int4", "int8").
     # The float graphs are exported and verified first, then quantized and compared with them.
     quant: str = "none"
@@ -173,6 +191,10 @@ class ExportConfig:
             raise ValueError(f"quant_accuracy_level must be 0..4, got {self.quant_accuracy_level}")
         if self.graph not in GRAPHS:
             raise ValueError(f"graph must be one of {GRAPHS}, got {self.graph!r}")
+        if self.vision_graph is None:
+            object.__setattr__(self, "vision_graph", self.graph)  # frozen: derived once, here
+        if self.vision_graph not in VISION_GRAPHS:
+            raise ValueError(f"vision_graph must be one of {VISION_GRAPHS}, got {self.vision_graph!r}")
         if self.opset < DEFAULT_OPSET:
             raise ValueError(f"opset must be >= {DEFAULT_OPSET} (LayerNormalization), got {self.opset}")
 
@@ -333,6 +355,7 @@ def build_sidecar(
     model_id: str,
     with_scores: bool = True,
     graph: str = "explicit",
+    vision_graph: str = "explicit",
 ) -> EdgeSidecar:
     if files.image_context_id != model.config.image_token_id:
         raise ValueError("tokenizer and config.json disagree on the image token id")
@@ -350,6 +373,7 @@ def build_sidecar(
         opset=opset,
         with_scores=with_scores,
         graph=graph,
+        vision_graph=vision_graph,
     )
 
 
@@ -407,8 +431,17 @@ def _export_unpublished(config: ExportConfig, out: Path) -> EdgeSidecar:
     model_id = config.model_id or Path(config.model_dir).resolve().name
     if config.graph == "lean":
         check_lean_supported(model)
+    if config.vision_graph == "lean":
+        check_lean_vision_supported(model)
     sidecar = build_sidecar(
-        model, files, config.dtype, config.opset, model_id, config.with_scores, config.graph
+        model,
+        files,
+        config.dtype,
+        config.opset,
+        model_id,
+        config.with_scores,
+        config.graph,
+        config.vision_graph,
     )
     if sidecar.tiling.tile_size != model.config.vision_config.image_size[0]:
         raise ValueError(
@@ -416,8 +449,11 @@ def _export_unpublished(config: ExportConfig, out: Path) -> EdgeSidecar:
             f"{model.config.vision_config.image_size[0]}"
         )
 
-    progress(f"exporting {sidecar.graphs.vision}")
-    export_vision(model, out / sidecar.graphs.vision, config.opset, io)
+    progress(f"exporting {sidecar.graphs.vision} ({config.vision_graph} graph)")
+    if config.vision_graph == "lean":
+        export_lean_vision(model, out / sidecar.graphs.vision, io)
+    else:
+        export_vision(model, out / sidecar.graphs.vision, config.opset, io)
     progress(
         f"exporting {sidecar.graphs.decoder} ({config.graph} graph"
         + (")" if config.with_scores else ", without scores)")
@@ -493,6 +529,12 @@ def main(argv: list[str] | None = None) -> int:
         help="decoder graph: explicit (traced, the reference) or lean (fused ORT ops, shared KV buffers)",
     )
     parser.add_argument(
+        "--vision-graph",
+        choices=VISION_GRAPHS,
+        default=None,
+        help="vision graph: explicit (traced) or lean (fused ORT ops); default: the kind --graph names",
+    )
+    parser.add_argument(
         "--no-scores",
         action="store_true",
         help="benchmarking only: a decoder without the visual-score output (the runtime refuses it)",
@@ -523,6 +565,7 @@ def main(argv: list[str] | None = None) -> int:
             with_scores=not args.no_scores,
             device=args.device,
             graph=args.graph,
+            vision_graph=args.vision_graph,
             quant=args.quant,
             quant_block_size=args.quant_block_size,
             quant_accuracy_level=args.quant_accuracy_level,
@@ -647,7 +690,8 @@ def verify_export(model_dir: str | Path, edge_dir: str | Path, dtype: str, seed:
         features = model.get_image_features(pixel_values=torch.from_numpy(pixel_values)).pooler_output
     reference_embeds = features.reshape(-1, features.shape[-1]).numpy()
     image_embeds = edge.encode_image(pixel_values)
-    checks = [_check("vision image_embeds", image_embeds, reference_embeds, tol.image_embeds)]
+    name = f"vision image_embeds ({edge.sidecar.vision_graph} graph)"
+    checks = [_check(name, image_embeds, reference_embeds, tol.image_embeds)]
 
     passes, fed = reference_passes(
         model, prompt.input_ids, pixel_values, prompt.visual_end, VERIFY_DECODE_STEPS

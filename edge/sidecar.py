@@ -24,14 +24,18 @@ SIDECAR_NAME = "stitch_edge.json"
 # 2: decoder input num_logits (logits of the last n positions only) and with_scores.
 # 3: graph ("explicit" or "lean"); a version-2 sidecar reads as graph "explicit".
 # 4: quant (weight-only quantization, or null); older sidecars read as quant null.
-FORMAT_VERSION = 4
-READABLE_VERSIONS = (2, 3, 4)
+# 5: vision_graph ("explicit" or "lean"); older sidecars read as vision_graph "explicit".
+FORMAT_VERSION = 5
+READABLE_VERSIONS = (2, 3, 4, 5)
 # Export dtypes and the numpy dtype of the tensors the graphs exchange in that dtype.
 DTYPES = {"fp32": "float32", "fp16": "float16"}
 # Decoder graphs: "explicit" (traced ``ScoringDecoder``: written-out attention, KV grown by
 # Concat, past/present [batch, kv_heads, past(+seq), head_dim]) and "lean" (``lean_decoder``:
 # fused ops, KV in buffers of a fixed capacity shared between past and present).
 GRAPHS = ("explicit", "lean")
+# Vision graphs: "explicit" (traced ``VisionEncoder``) and "lean" (``lean_vision``: built op by op
+# with fused ops). Same I/O; the runtime opens both alike, the field says what the file holds.
+VISION_GRAPHS = ("explicit", "lean")
 # Weight-only quantization (``stitch-export --quant``): name -> bits of the MatMul weights.
 QUANT_BITS = {"int4": 4, "int8": 8}
 
@@ -152,6 +156,8 @@ class EdgeSidecar:
     with_scores: bool = True
     # Which decoder graph (GRAPHS): how the runtime must hold and bind its KV cache.
     graph: str = "explicit"
+    # Which vision graph (VISION_GRAPHS): traced or built; informational, the runtime runs either alike.
+    vision_graph: str = "explicit"
     # Weight-only quantization of the graphs, None for float weights (the default export).
     quant: WeightQuant | None = None
     format_version: int = FORMAT_VERSION
@@ -161,6 +167,8 @@ class EdgeSidecar:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.graph not in GRAPHS:
             raise ValueError(f"graph must be one of {GRAPHS}, got {self.graph!r}")
+        if self.vision_graph not in VISION_GRAPHS:
+            raise ValueError(f"vision_graph must be one of {VISION_GRAPHS}, got {self.vision_graph!r}")
         if not isinstance(self.with_scores, bool):
             raise ValueError(f"with_scores must be a JSON boolean, got {self.with_scores!r}")
         if self.tokens_per_tile != self.tiling.tokens_per_tile:
@@ -209,6 +217,7 @@ class EdgeSidecar:
             opset=data["opset"],
             with_scores=data["with_scores"],
             graph=data["graph"] if version >= 3 else "explicit",
+            vision_graph=data["vision_graph"] if version >= 5 else "explicit",
             quant=_build(WeightQuant, data["quant"]) if version >= 4 and data["quant"] is not None else None,
             format_version=FORMAT_VERSION,
         )

@@ -125,6 +125,10 @@ def test_sidecar_records_what_was_quantized(float_dirs, quant_dirs, scheme):
     layers = sidecar.dims.num_layers
     # lean: fused q|k|v, o, gate, up, down per layer and the LM head
     assert quant.graphs[sidecar.graphs.decoder] == 5 * layers + 1
+    # lean vision: fused q|k|v, out, fc1, fc2 per ViT layer and the projector's two
+    assert sidecar.vision_graph == "lean"
+    vision_ops = [n.op_type for n in onnx.load(str(out / sidecar.graphs.vision)).graph.node]
+    assert quant.graphs[sidecar.graphs.vision] == 4 * vision_ops.count("MultiHeadAttention") + 2
     for float_dir in float_dirs.values():
         assert EdgeSidecar.load(float_dir).quant is None
         assert "MatMulNBits" not in {n.op_type for n in onnx.load(str(float_dir / "decoder.onnx")).graph.node}
