@@ -13,6 +13,8 @@ tests use ``test_export``'s sharpened tiny checkpoint. fp32 unless named.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -296,3 +298,17 @@ def test_lean_vision_runtime_runs_with_torch_and_transformers_absent(lean_dir, t
     """Guards against the lean tower's contrib ops (MultiHeadAttention, Skip norms, BiasGelu)
     needing anything beyond onnxruntime at run time (DESIGN invariant 5)."""
     assert_same_run_without_torch(lean_dir, EdgeModel.load(lean_dir, providers=[CPU]), tmp_path)
+
+
+def test_vision_speed_bench_runs_at_the_quick_preset():
+    """Guards against bench/vision_speed.py (the lean vs traced vision figure) breaking unnoticed,
+    and against the two graphs it times computing different things at the quick shape."""
+    bench = Path(__file__).resolve().parents[1] / "bench" / "vision_speed.py"
+    run = subprocess.run(
+        [sys.executable, str(bench), "--quick", "--repeats", "1"], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["preset"] == "quick" and result["tiles"] == 7 and result["visual_tokens"] == 7 * 64
+    assert result["lean_vs_traced_vision"] > 0
+    assert result["lean_vs_traced_max_abs_diff"] <= LEAN_VS_TRACED_REL * result["max_abs_output"]
