@@ -420,18 +420,9 @@ class CascadeService:
 
 def model_info(engine: CloudEngine, config: ServerConfig) -> cascade_pb2.ModelInfo:
     """What a client needs to build requests for ``engine`` behind a server with ``config``."""
-    tiling = engine.files.tiling
     return cascade_pb2.ModelInfo(
         models=[engine.model_id],
-        tiling=cascade_pb2.Tiling(
-            tile_size=tiling.tile_size,
-            min_tiles=tiling.min_tiles,
-            max_tiles=tiling.max_tiles,
-            thumbnail=tiling.use_thumbnail,
-            tokens_per_tile=tiling.tokens_per_tile,
-            image_mean=list(tiling.image_mean),
-            image_std=list(tiling.image_std),
-        ),
+        tiling=wire.tiling_to_proto(engine.files.tiling),  # with the operator's --max-tiles applied
         prune_layer=engine.prune_layer,
         num_layers=engine.sgp.num_layers,
         max_new_tokens=engine.config.max_new_tokens_limit,

@@ -9,6 +9,7 @@ specifies both for clients in other languages, with test vectors beside it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import struct
 from dataclasses import dataclass, field
@@ -37,6 +38,27 @@ class TilingConfig:
             raise ValueError("tile_size and tokens_per_tile must be positive")
         if not 1 <= self.min_tiles <= self.max_tiles:
             raise ValueError(f"need 1 <= min_tiles <= max_tiles, got {self.min_tiles}, {self.max_tiles}")
+
+
+def cap_max_tiles(config: TilingConfig, max_tiles: int | None) -> TilingConfig:
+    """``config`` with at most ``max_tiles`` grid tiles: an operator's cap on vision work per image.
+
+    ``None`` returns ``config`` itself. The cap only lowers the checkpoint's
+    ``max_tiles``: a value above it, or below ``min_tiles``, raises
+    ``ValueError`` naming the allowed range. The result is a new config
+    (``dataclasses.replace``); ``config`` is not changed. Edge and cloud must
+    apply the same cap, or their layouts (and fingerprints) differ.
+    """
+    if max_tiles is None:
+        return config
+    if isinstance(max_tiles, bool) or not isinstance(max_tiles, int):
+        raise ValueError(f"max_tiles must be an integer, got {max_tiles!r}")
+    if not config.min_tiles <= max_tiles <= config.max_tiles:
+        raise ValueError(
+            f"max_tiles must be in {config.min_tiles}..{config.max_tiles} (the checkpoint's min_tiles.."
+            f"max_tiles; a cap can only lower max_tiles), got {max_tiles}"
+        )
+    return dataclasses.replace(config, max_tiles=max_tiles)
 
 
 @dataclass(frozen=True)

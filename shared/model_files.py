@@ -14,6 +14,7 @@ that lacks a file or key it needs with an error naming it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from .layout import TilingConfig
+from .layout import TilingConfig, cap_max_tiles
 from .preprocess import tiling_config_from_files
 
 # Named special tokens a transformers tokenizer exposes to chat templates (bos_token, ...).
@@ -81,6 +82,15 @@ class ModelFiles:
     @property
     def image_context_token(self) -> str:
         return self.tokenizer.id_to_token(self.image_context_id)
+
+    def with_max_tiles(self, max_tiles: int | None) -> ModelFiles:
+        """These files with the tiling capped at ``max_tiles`` grid tiles (``layout.cap_max_tiles``).
+
+        ``None`` returns ``self``; a new ``ModelFiles`` otherwise (the loaded one is not changed).
+        """
+        if max_tiles is None:
+            return self
+        return dataclasses.replace(self, tiling=cap_max_tiles(self.tiling, max_tiles))
 
     @classmethod
     def load(cls, path: str | Path) -> ModelFiles:
@@ -239,6 +249,12 @@ def _generation_ids(
     if pad is None and "pad_token" in special_tokens:
         pad = _token_id(tokenizer, special_tokens["pad_token"])
     return eos_ids, (None if pad is None else int(pad))
+
+
+def read_tiling(path: str | Path) -> TilingConfig:
+    """The tiling a checkpoint directory states, without loading its tokenizer (CLIs check flags with it)."""
+    root = Path(path)
+    return _tiling(root, _read_json(root, "config.json"))
 
 
 def _tiling(root: Path, config: dict[str, Any]) -> TilingConfig:

@@ -19,7 +19,7 @@ import grpc
 
 from . import codec
 from .errors import RequestError
-from .layout import Layout
+from .layout import Layout, TilingConfig
 from .pb import cascade_pb2
 from .scoring import keep_count
 from .types import CloudReply, CloudRequest, SamplingParams, Timings
@@ -62,6 +62,36 @@ def layout_from_proto(msg: cascade_pb2.Layout) -> tuple[Layout, int]:
         tokens_per_tile=msg.tokens_per_tile,
     )
     return layout, msg.fingerprint
+
+
+def tiling_to_proto(tiling: TilingConfig) -> cascade_pb2.Tiling:
+    """The ``Tiling`` of ``GetModelInfo``: the tiling the cloud applies (an operator's cap included)."""
+    return cascade_pb2.Tiling(
+        tile_size=tiling.tile_size,
+        min_tiles=tiling.min_tiles,
+        max_tiles=tiling.max_tiles,
+        thumbnail=tiling.use_thumbnail,
+        tokens_per_tile=tiling.tokens_per_tile,
+        image_mean=list(tiling.image_mean),
+        image_std=list(tiling.image_std),
+    )
+
+
+def tiling_from_proto(msg: cascade_pb2.Tiling) -> TilingConfig:
+    """The cloud's published tiling; ``ValueError`` when it is incomplete (a zero size, not 3 means)."""
+    if len(msg.image_mean) != 3 or len(msg.image_std) != 3:
+        raise ValueError(
+            f"tiling has {len(msg.image_mean)} means and {len(msg.image_std)} stds, expected 3 each"
+        )
+    return TilingConfig(
+        tile_size=msg.tile_size,
+        min_tiles=msg.min_tiles,
+        max_tiles=msg.max_tiles,
+        use_thumbnail=msg.thumbnail,
+        tokens_per_tile=msg.tokens_per_tile,
+        image_mean=tuple(msg.image_mean),
+        image_std=tuple(msg.image_std),
+    )
 
 
 # ----------------------------------------------------------------------------- request
