@@ -16,6 +16,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..shared.layout import cap_max_tiles
+from ..shared.model_files import read_tiling
 from ..shared.token_file import read_token_file
 from .engine import DEVICE_MAPS, DTYPES, EngineConfig, device_map_available
 from .lifecycle import serve
@@ -72,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     model.add_argument(
+        "--max-tiles",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="cut each image into at most N grid tiles (+ thumbnail), below the checkpoint's max_tiles: "
+        "less vision work, fewer pixels seen. Edges must run with the same --max-tiles",
+    )
+    model.add_argument(
         "--max-new-tokens", type=positive_int, default=256, help="largest budget a request may ask"
     )
     net = serve_cmd.add_argument_group("network")
@@ -82,7 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     batch = serve_cmd.add_argument_group("batching")
     batch.add_argument(
-        "--max-batch-size", type=positive_int, default=8, help="sequences decoded together in one forward pass"
+        "--max-batch-size",
+        type=positive_int,
+        default=8,
+        help="sequences decoded together in one forward pass",
     )
     batch.add_argument(
         "--max-batch-tokens",
@@ -136,6 +149,15 @@ def configs_from_args(
             parser.error("--device-map needs accelerate, which is not installed (pip install accelerate)")
         if args.device != "cpu":
             parser.error("--device-map places the model itself; drop --device")
+    if args.max_tiles is not None:  # checked here so a bad cap exits 2 before the weights load
+        try:
+            tiling = read_tiling(args.model)
+        except (FileNotFoundError, ValueError) as error:
+            parser.error(f"--model {args.model}: {error}")
+        try:
+            cap_max_tiles(tiling, args.max_tiles)
+        except ValueError as error:  # above the checkpoint's max_tiles or below its min_tiles
+            parser.error(f"--max-tiles {args.max_tiles}: {error}")
     if args.max_message_mb <= 0:
         parser.error("--max-message-mb must be > 0")
     if args.max_image_mpx <= 0:
@@ -174,6 +196,7 @@ def _configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
         max_batch_size=args.max_batch_size,
         max_batch_tokens=args.max_batch_tokens,
         model_id=args.model_id,
+        max_tiles=args.max_tiles,
     )
     return server, engine
 

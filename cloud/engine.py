@@ -71,9 +71,14 @@ class EngineConfig:
     # None: the whole model on ``device``; "auto" etc. (DEVICE_MAPS): accelerate spreads the layers over
     # the GPUs of this machine and ``device`` is not used (inputs go to the first layer's device)
     device_map: str | None = None
+    # at most this many grid tiles per image (thumbnail not counted), below the checkpoint's max_tiles:
+    # less vision work per request, fewer pixels seen; edges must use the same cap. None: the checkpoint's
+    max_tiles: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", Path(self.model_dir))
+        if self.max_tiles is not None and (isinstance(self.max_tiles, bool) or self.max_tiles < 1):
+            raise ValueError(f"max_tiles must be >= 1 or None, got {self.max_tiles!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.device_map is not None and self.device_map not in DEVICE_MAPS:
@@ -113,7 +118,8 @@ class CloudEngine:
         observer: StepObserver | None = None,
     ):
         self.config = config
-        self.files = files
+        # the checkpoint's tiling, capped by the operator (ValueError above its max_tiles)
+        self.files = files.with_max_tiles(config.max_tiles)
         self.sgp = SGPModel(model, config.prune_layer)
         self.model_id = config.model_id or files.model_id
         self.prune_layer = self.sgp.prune_layer
@@ -128,10 +134,12 @@ class CloudEngine:
         """Load tokenizer, tiling and weights from ``config.model_dir`` (no hub access).
 
         Raises ``ValueError`` before touching the weights when the checkpoint's
-        chat template cannot place the image (``check_chat_template``). With
+        chat template cannot place the image (``check_chat_template``) or
+        ``config.max_tiles`` is outside its ``min_tiles..max_tiles``. With
         ``config.device_map`` accelerate places the layers (``device`` unused).
         """
         files = ModelFiles.load(config.model_dir)
+        files.with_max_tiles(config.max_tiles)  # a cap the checkpoint cannot take fails before the weights
         check_chat_template(files)
         options = {"dtype": DTYPES[config.dtype], "attn_implementation": "sdpa", "local_files_only": True}
         if config.device_map is None:
@@ -269,7 +277,9 @@ class CloudEngine:
             raise RequestError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"num_visual_tokens {request.num_visual_tokens} does not match the "
-                f"{layout.num_visual_tokens} the cloud computes for this image",
+                f"{layout.num_visual_tokens} the cloud computes for this image: the edge sent "
+                f"{_describe(request.layout)}, the cloud computes {_describe(layout)} with max_tiles="
+                f"{self.files.tiling.max_tiles}; edge and cloud must tile alike (the same --max-tiles)",
             )
         fingerprint = layout_fingerprint(layout, self.files.tiling)
         if request.layout != layout or request.layout_fingerprint != fingerprint:
@@ -277,7 +287,8 @@ class CloudEngine:
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"layout mismatch: the edge sent {_describe(request.layout)} "
                 f"(fingerprint {request.layout_fingerprint:016x}), the cloud computes "
-                f"{_describe(layout)} (fingerprint {fingerprint:016x}); edge and cloud must tile alike",
+                f"{_describe(layout)} (fingerprint {fingerprint:016x}) with max_tiles="
+                f"{self.files.tiling.max_tiles}; edge and cloud must tile alike (the same --max-tiles)",
             )
 
 
