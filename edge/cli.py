@@ -5,7 +5,8 @@ answers one question through ``sdk.Cascade`` and prints a short summary, or
 with ``--json`` one JSON object holding the answer, the route, the gate's
 scores, the edge's token probabilities and full visual-score vector, the kept
 indices, the bytes sent, and the timings. ``--tau`` defaults to the export's
-calibrated threshold when there is one.
+calibrated threshold when there is one. ``--max-tiles N`` cuts each image into
+at most N grid tiles (the cloud must be started with the same ``--max-tiles``).
 
 ``stitch-edge calibrate --model EDGE_DIR --questions synthetic:val --cloud HOST:PORT
 --target-agreement 0.95`` runs a question set once (every question escalated),
@@ -57,6 +58,29 @@ def add_generation_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--max-new-tokens", type=int, default=32, help="generation budget, edge and cloud")
 
 
+def tile_count(text: str) -> int:
+    """A ``--max-tiles`` value: an integer >= 1 (the checkpoint's own range is checked once it is loaded)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_tiling_argument(command: argparse.ArgumentParser) -> None:
+    """--max-tiles, shared by ask and calibrate; stitch-cloud serve must get the same value."""
+    command.add_argument(
+        "--max-tiles",
+        type=tile_count,
+        default=None,
+        metavar="N",
+        help="cut each image into at most N grid tiles (+ thumbnail), below the checkpoint's max_tiles: "
+        "less vision work, fewer pixels seen. Give stitch-cloud serve the same --max-tiles",
+    )
+
+
 def add_cloud_arguments(command: argparse.ArgumentParser) -> None:
     """--cloud, --timeout, TLS and bearer-token flags, shared by ask and calibrate."""
     command.add_argument(
@@ -103,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"stitch-edge calibrate wrote one, else {DEFAULT_TAU})",
     )
     add_generation_arguments(ask)
+    add_tiling_argument(ask)
     ask.add_argument(
         "--on-cloud-failure",
         choices=[ON_FAILURE_DEGRADE, ON_FAILURE_RAISE],
@@ -126,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cal.add_argument("-n", type=int, default=100, help="questions to run")
     add_generation_arguments(cal)
+    add_tiling_argument(cal)
     add_cloud_arguments(cal)
     target = cal.add_mutually_exclusive_group(required=True)
     target.add_argument("--target-exit-rate", type=float, help="exit on the edge at most this share")
@@ -164,6 +190,7 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
             max_new_tokens=args.max_new_tokens,
             cloud_timeout_s=args.timeout,
             on_cloud_failure=getattr(args, "on_cloud_failure", ON_FAILURE_DEGRADE),
+            max_tiles=args.max_tiles,
         )
     except ValueError as error:
         parser.error(str(error))
@@ -240,6 +267,10 @@ def open_model_and_cloud(
         model = EdgeModel.load(args.model, providers=[CPU] if args.cpu else None)
     except (FileNotFoundError, ValueError) as error:
         parser.error(f"--model {args.model}: not a usable export directory: {error}")
+    try:
+        model = model.with_max_tiles(args.max_tiles)
+    except ValueError as error:  # above the checkpoint's max_tiles or below its min_tiles
+        parser.error(f"--max-tiles {args.max_tiles}: {error}")
     cloud = None
     if args.cloud:
         root_cert = args.tls_root_cert.read_bytes() if args.tls_root_cert else None

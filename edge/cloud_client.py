@@ -19,6 +19,10 @@
   network and both transports refuse a bad request alike.
 - ``connect_cloud``: picks one from what the caller has ("host:port", a list of them, or an engine).
 
+``CloudClient.check_tiling`` compares the edge's tiling with the one the cloud
+publishes (``GetModelInfo``), so an edge and a cloud run with different
+``--max-tiles`` fail with one message naming both instead of a refused layout.
+
 ``request_wire_size`` measures what a request costs on the wire (the
 serialized ``AnswerRequest``), split into image, kept indices and the rest.
 
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import dataclasses
 import ipaddress
 import json
 import random
@@ -44,6 +49,7 @@ import grpc
 
 from stitchvlm.shared import wire
 from stitchvlm.shared.errors import RequestError
+from stitchvlm.shared.layout import TilingConfig
 from stitchvlm.shared.pb import cascade_pb2, cascade_pb2_grpc
 from stitchvlm.shared.types import CloudReply, CloudRequest
 
@@ -184,6 +190,24 @@ class CloudClient(abc.ABC):
         yield CloudChunk(reply.text, reply.token_ids)
         yield CloudChunk("", (), reply)
 
+    def cloud_tiling(self, timeout_s: float) -> TilingConfig | None:
+        """The tiling the cloud cuts images with (its ``--max-tiles`` applied); None when it cannot tell."""
+        return None
+
+    def check_tiling(self, tiling: TilingConfig, timeout_s: float) -> bool:
+        """True when the cloud tiles as ``tiling`` does, False when it cannot tell.
+
+        Raises ``CloudError(FAILED_PRECONDITION)`` naming both sides' ``max_tiles``
+        when the tilings differ: the cloud would refuse every request's layout.
+        """
+        published = self.cloud_tiling(timeout_s)
+        if published is None:
+            return False
+        mismatch = tiling_mismatch(tiling, published)
+        if mismatch is not None:
+            raise CloudError(grpc.StatusCode.FAILED_PRECONDITION, mismatch)
+        return True
+
     def wire_size(self, request: CloudRequest) -> WireSize:
         """What ``request`` costs on the wire with this client's index encoding."""
         return request_wire_size(request, self.index_encoding)
@@ -209,6 +233,28 @@ async def _run_cancellable(call, request: CloudRequest, timeout_s: float) -> Clo
     except asyncio.CancelledError:
         cancellation.cancel()
         raise
+
+
+def tiling_mismatch(edge: TilingConfig, cloud: TilingConfig) -> str | None:
+    """Why an edge tiling ``edge`` and a cloud tiling ``cloud`` give different layouts; None when equal."""
+    if edge == cloud:
+        return None
+    names = [f.name for f in dataclasses.fields(TilingConfig) if f.name != "max_tiles"]
+    others = [
+        f"edge {name}={getattr(edge, name)}, cloud {name}={getattr(cloud, name)}"
+        for name in names
+        if getattr(edge, name) != getattr(cloud, name)
+    ]
+    hint = (
+        "run stitch-edge and stitch-cloud with the same --max-tiles"
+        if not others
+        else "the edge export and the cloud checkpoint must share a preprocessing config"
+    )
+    return (
+        f"tiling mismatch: edge max_tiles={edge.max_tiles}, cloud max_tiles={cloud.max_tiles}"
+        + "".join(f"; {text}" for text in others)
+        + f"; the cloud would refuse every layout, so {hint}"
+    )
 
 
 def _check_timeout(timeout_s: float) -> float:
@@ -276,6 +322,26 @@ class GrpcCloudClient(CloudClient):
 
     def close(self) -> None:
         self._channel.close()
+
+    def cloud_tiling(self, timeout_s: float) -> TilingConfig | None:
+        """``GetModelInfo``'s tiling, one attempt; None when the call fails or the tiling is incomplete.
+
+        A cloud that is down, loading, refusing the token or too old to answer
+        is not this check's business: the ``Answer`` call that follows reports
+        it (with its retries), and the cloud checks the layout of every request.
+        """
+        try:
+            info = self._stub.GetModelInfo(
+                cascade_pb2.ModelInfoRequest(), timeout=_check_timeout(timeout_s), metadata=self._metadata
+            )
+        except grpc.RpcError:
+            return None
+        if not info.HasField("tiling"):
+            return None
+        try:
+            return wire.tiling_from_proto(info.tiling)
+        except ValueError:
+            return None
 
     def _stream(
         self, request: CloudRequest, timeout_s: float, cancellation: _Cancellation
@@ -481,6 +547,11 @@ class InProcessCloudClient(CloudClient):
 
     async def answer_async(self, request: CloudRequest, timeout_s: float) -> CloudReply:
         return await _run_cancellable(self._call, request, timeout_s)
+
+    def cloud_tiling(self, timeout_s: float) -> TilingConfig | None:
+        """The engine's tiling (``engine.files.tiling``, a ``CloudEngine``'s); None for an engine without one."""
+        tiling = getattr(getattr(self.engine, "files", None), "tiling", None)
+        return tiling if isinstance(tiling, TilingConfig) else None
 
     def _call(self, request: CloudRequest, timeout_s: float, cancellation: _Cancellation) -> CloudReply:
         deadline = time.monotonic() + _check_timeout(timeout_s)

@@ -52,7 +52,8 @@ from PIL import Image
 
 from stitchvlm.shared import synthetic, wire
 from stitchvlm.shared.errors import RequestError
-from stitchvlm.shared.layout import TilingConfig
+from stitchvlm.shared.layout import TilingConfig, cap_max_tiles
+from stitchvlm.shared.model_files import read_tiling
 from stitchvlm.shared.preprocess import compute_layout, decode_image
 
 from .cloud_client import CloudError, GrpcCloudClient
@@ -537,6 +538,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--timeout", type=float, default=CascadeConfig.cloud_timeout_s, help="cloud deadline, s"
     )
+    parser.add_argument(
+        "--max-tiles",
+        type=int,
+        default=None,
+        metavar="N",
+        help="at most N grid tiles per image on the edge, and on a --start-cloud cloud (a --cloud "
+        "must run with the same stitch-cloud --max-tiles)",
+    )
     parser.add_argument("--image-mode", choices=[IMAGE_ORIGINAL, IMAGE_TILES], default=IMAGE_ORIGINAL)
     parser.add_argument("--jpeg-quality", type=int, default=None, help="re-encode the image as JPEG (1-95)")
     parser.add_argument("--no-relay", action="store_true", help="dial the cloud directly (no socket bytes)")
@@ -571,15 +580,35 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Cas
             parser.error(
                 f"--cloud {args.cloud} is not loopback; name it with --allow-remote {host} to load it"
             )
+    if args.max_tiles is not None:
+        check_max_tiles(parser, args)
     try:
         return CascadeConfig(
             tau=args.tau,
             retention=args.retention,
             max_new_tokens=args.max_new_tokens,
             cloud_timeout_s=args.timeout,
+            max_tiles=args.max_tiles,
         )
     except ValueError as error:
         parser.error(str(error))
+
+
+def check_max_tiles(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--max-tiles within every given model's min_tiles..max_tiles (exit 2), before anything loads."""
+    for flag, path in (
+        ("--edge", args.edge),
+        ("--edge-model", args.edge_model),
+        ("--start-cloud", args.start_cloud),
+    ):
+        if path is None:
+            continue
+        try:  # an export directory holds the checkpoint's config files too
+            cap_max_tiles(read_tiling(path), args.max_tiles)
+        except FileNotFoundError as error:
+            parser.error(f"{flag} {path}: {error}")
+        except ValueError as error:
+            parser.error(f"--max-tiles {args.max_tiles} for {flag} {path}: {error}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -595,11 +624,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             fd, log = tempfile.mkstemp(prefix="stitch-cloud-", suffix=".log")
             os.close(fd)
             settings["cloud_log"] = str(args.cloud_log or log)
-            cloud = start_local_cloud(args.start_cloud, args.cloud_arg, Path(settings["cloud_log"]))
+            cloud_args = args.cloud_arg + (
+                [] if args.max_tiles is None else ["--max-tiles", str(args.max_tiles)]
+            )
+            cloud = start_local_cloud(args.start_cloud, cloud_args, Path(settings["cloud_log"]))
             stack.callback(cloud.stop)
         try:
             edge_dir = args.edge or cached_export(args.edge_model, args.cache_dir or default_cache_dir())
-            model = EdgeModel.load(edge_dir, providers=[CPU] if args.cpu else None)
+            model = EdgeModel.load(edge_dir, providers=[CPU] if args.cpu else None, max_tiles=args.max_tiles)
             questions = load_questions(args.questions, args.num_questions, args.seed)
             tiling = model.files.tiling
             prepared = [prepare_image(q.image, tiling, args.image_mode, args.jpeg_quality) for q in questions]

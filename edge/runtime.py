@@ -31,6 +31,7 @@ does not gate or talk to the cloud: the SEE gate and the client SDK use it.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from stitchvlm.shared.layout import Layout
+from stitchvlm.shared.layout import Layout, cap_max_tiles
 from stitchvlm.shared.model_files import ModelFiles
 from stitchvlm.shared.preprocess import decode_image, preprocess_image
 from stitchvlm.shared.prompt import PromptIds, build_prompt, decode_answer
@@ -156,10 +157,13 @@ class EdgeModel:
         edge_dir: str | Path,
         providers: list[str] | None = None,
         session_options: ort.SessionOptions | None = None,
+        max_tiles: int | None = None,
     ) -> EdgeModel:
         """Open an export directory; CUDA when ORT can use it, else CPU, unless ``providers`` says.
 
         ``session_options`` (threads, graph optimisation level) apply to both graphs.
+        ``max_tiles`` caps the grid tiles per image below the checkpoint's
+        (``with_max_tiles``); the cloud must run with the same cap.
         A float32 lean export runs on the CPU (ORT's CUDA GroupQueryAttention is
         float16 only); asking for CUDA for one raises ``ValueError``.
         Raises ``FileNotFoundError``/``ValueError`` for a directory that is not a
@@ -198,7 +202,24 @@ class EdgeModel:
         vision = ort.InferenceSession(
             str(root / sidecar.graphs.vision), sess_options=session_options, providers=decoder.get_providers()
         )
-        return cls(sidecar, files, embeddings, vision, decoder)
+        return cls(sidecar, files, embeddings, vision, decoder).with_max_tiles(max_tiles)
+
+    def with_max_tiles(self, max_tiles: int | None) -> EdgeModel:
+        """This model with images cut into at most ``max_tiles`` grid tiles (plus the thumbnail).
+
+        The cap applies to the exported checkpoint's tiling (``sidecar.tiling``),
+        so it can lower ``max_tiles`` but never raise it: ``ValueError`` outside
+        the checkpoint's ``min_tiles..max_tiles``. ``None`` keeps the current
+        tiling. The returned model shares this one's sessions and embeddings;
+        this one is not changed.
+        """
+        if max_tiles is None:
+            return self
+        tiling = cap_max_tiles(self.sidecar.tiling, max_tiles)
+        if tiling == self.files.tiling:
+            return self
+        files = dataclasses.replace(self.files, tiling=tiling)
+        return EdgeModel(self.sidecar, files, self.embeddings, self.vision, self.decoder)
 
     # ----------------------------------------------------------------- graph calls
 

@@ -70,6 +70,9 @@ class CascadeConfig:
     cloud_timeout_s: float = 10.0  # deadline of one cloud call, retries included
     on_cloud_failure: str = ON_FAILURE_DEGRADE  # "degrade" or "raise"
     cloud_model: str = ""  # model id the cloud should answer with; "" is the server's default
+    # at most this many grid tiles per image (thumbnail not counted), below the checkpoint's max_tiles:
+    # less vision work per image, fewer pixels seen; the cloud must run with the same cap. None: no cap
+    max_tiles: int | None = None
 
     def __post_init__(self) -> None:
         GateConfig(self.tau, self.consistency_retention)  # the gate's own checks
@@ -81,6 +84,8 @@ class CascadeConfig:
             raise ValueError(f"cloud_timeout_s must be > 0, got {self.cloud_timeout_s}")
         if self.on_cloud_failure not in (ON_FAILURE_DEGRADE, ON_FAILURE_RAISE):
             raise ValueError(f"on_cloud_failure must be 'degrade' or 'raise', got {self.on_cloud_failure!r}")
+        if self.max_tiles is not None and (isinstance(self.max_tiles, bool) or self.max_tiles < 1):
+            raise ValueError(f"max_tiles must be >= 1 or None, got {self.max_tiles!r}")
 
     @property
     def gate(self) -> GateConfig:
@@ -181,10 +186,12 @@ class Cascade:
         (see ``connect_cloud``). ``options``: ``CascadeConfig`` fields overriding ``config``
         (``tau=0.3``, ``retention=0.35``, ...)."""
         self.config = dataclasses.replace(config or CascadeConfig(), **options)
-        self.model = model if isinstance(model, EdgeModel) else EdgeModel.load(model, providers=providers)
+        loaded = model if isinstance(model, EdgeModel) else EdgeModel.load(model, providers=providers)
+        self.model = loaded.with_max_tiles(self.config.max_tiles)  # ValueError above the checkpoint's
         self._owns_client = is_grpc_address(cloud)
         self.cloud = connect_cloud(cloud)
         self._tiling = self.model.files.tiling
+        self._tiling_confirmed = False  # the cloud said it tiles like this edge (check_cloud_tiling)
         self._lock = threading.Lock()
         self._stats = CascadeStats()
 
@@ -202,6 +209,7 @@ class Cascade:
             return self._finish(edge, None, None, 0.0)
         t0 = time.perf_counter()
         try:
+            self._check_cloud_tiling()
             reply, error = self.cloud.answer(edge.request, self.config.cloud_timeout_s), None
         except CloudError as failure:
             reply, error = None, failure
@@ -214,6 +222,8 @@ class Cascade:
             return self._finish(edge, None, None, 0.0)
         t0 = time.perf_counter()
         try:
+            if not self._tiling_confirmed:
+                await asyncio.to_thread(self._check_cloud_tiling)
             reply, error = await self.cloud.answer_async(edge.request, self.config.cloud_timeout_s), None
         except CloudError as failure:
             reply, error = None, failure
@@ -235,6 +245,7 @@ class Cascade:
         t0 = time.perf_counter()
         reply, error, streamed = None, None, False
         try:
+            self._check_cloud_tiling()
             for piece in self.cloud.stream(edge.request, self.config.cloud_timeout_s):
                 if piece.reply is not None:
                     reply = piece.reply
@@ -254,6 +265,8 @@ class Cascade:
         t0 = time.perf_counter()
         reply, error, streamed = None, None, False
         try:
+            if not self._tiling_confirmed:
+                await asyncio.to_thread(self._check_cloud_tiling)
             async for piece in self.cloud.stream_async(edge.request, self.config.cloud_timeout_s):
                 if piece.reply is not None:
                     reply = piece.reply
@@ -301,6 +314,20 @@ class Cascade:
         self.close()
 
     # ----------------------------------------------------------------- steps
+
+    def _check_cloud_tiling(self) -> None:
+        """Before the first escalation: ``CloudError(FAILED_PRECONDITION)`` when the cloud tiles otherwise.
+
+        A cloud run with another ``--max-tiles`` (or another checkpoint tiling)
+        would refuse every request's layout; this says why in one message naming
+        both ``max_tiles``. Asked once per ``Cascade`` after a match; a cloud
+        that cannot tell (no ``GetModelInfo``, not reachable yet) is not held
+        against the request, whose layout the cloud checks anyway.
+        """
+        if self._tiling_confirmed:
+            return
+        if self.cloud.check_tiling(self._tiling, self.config.cloud_timeout_s):
+            self._tiling_confirmed = True
 
     def _run_edge(self, image: ImageInput, prompt: str) -> _EdgeOutcome:
         """Generate, gate, pick the top-R tokens and build the cloud request when escalating."""
