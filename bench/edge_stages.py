@@ -9,8 +9,11 @@ export's sessions exist at a time:
    internvl3-1b: InternViT-300M + Qwen2.5-0.5B, a 1344 x 896 image = 3 x 2
    grid + thumbnail = 7 tiles, 1792 visual tokens), ``--max-tiles`` lowering
    the preset's tile cap as an operator would;
-2. ``stitch-export --graph lean`` of it per ``--quant`` scheme (fp32, int8,
-   int4: weight-only MatMulNBits, vision and decoder), each in a child process;
+2. its exports (``--exports``), each by ``stitch-export`` in a child process:
+   ``explicit`` (the traced graphs, the runtime's default), ``lean`` (``--graph
+   lean``: fused ORT ops for the vision tower and the decoder, fp32) and
+   ``lean-int8`` / ``lean-int4`` (``--quant``: weight-only MatMulNBits,
+   vision and decoder);
 3. per export, in a fresh child process, ``EdgeModel.load`` and then, cold
    (the sessions' first runs, as on a device's first question), the vision
    graph on the image and one prefill pass with a KV cache sized as
@@ -27,16 +30,16 @@ export's sessions exist at a time:
 5. with ``--genai``, onnxruntime-genai's fp32 graph of the same text model
    (``edge_peer.py``'s venv and builder) prefills a prompt of the same length
    in its own process, cold, measured the same way (its KV buffers sized at
-   prompt + new tokens, as ours): ``<quant>_prefill_extra_vs_genai`` = ours /
+   prompt + new tokens, as ours): ``<export>_prefill_extra_vs_genai`` = ours /
    its.
 
 ``question_ms`` = preprocess + vision + prefill + decode + consistency (what
-one edge question costs before any cloud call); ``speedup_vs_fp32`` per
-quantized export = fp32 question_ms / its question_ms.
+one edge question costs before any cloud call); ``<export>_speedup_vs_explicit``
+= the explicit export's question_ms / that export's.
 
-    python bench/edge_stages.py                            # internvl3-1b, fp32 int8 int4, 2 threads
-    python bench/edge_stages.py --genai --quant none int4  # + genai's prefill memory
-    python bench/edge_stages.py --preset quick --quant none int8 --threads 1   # seconds
+    python bench/edge_stages.py --genai                    # internvl3-1b, all four exports, 2 threads
+    python bench/edge_stages.py --exports lean lean-int4   # just those
+    python bench/edge_stages.py --preset quick --exports explicit lean-int8 --threads 1   # seconds
 
 Progress on stderr; a markdown table on stdout, then as the last line one JSON
 object. Random weights: times and memory, never accuracy. Not run in CI at the
@@ -56,7 +59,13 @@ from dataclasses import replace
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-QUANTS = ("none", "int8", "int4")  # stitch-export --quant schemes; "none" is the fp32 graph
+# Export name -> (stitch-export --graph, --quant).
+EXPORTS = {
+    "explicit": ("explicit", "none"),
+    "lean": ("lean", "none"),
+    "lean-int8": ("lean", "int8"),
+    "lean-int4": ("lean", "int4"),
+}
 CONSISTENCY_RETENTION = 0.05  # r_c, DESIGN "SEE gate"
 SAMPLE_SECONDS = 0.002  # RSS sampling interval of the per-stage peaks
 STAGES = ("preprocess", "vision", "prefill", "decode", "consistency")
@@ -141,10 +150,11 @@ def build_step(preset_name: str, max_tiles: int | None, out: Path) -> None:
     build_checkpoint(preset, out, "fp32")
 
 
-def export_step(checkpoint: Path, out: Path, quant: str) -> None:
+def export_step(checkpoint: Path, out: Path, name: str) -> None:
     from stitchvlm.edge.export import ExportConfig, export_edge
 
-    export_edge(ExportConfig(model_dir=checkpoint, out_dir=out, verify=False, graph="lean", quant=quant))
+    graph, quant = EXPORTS[name]
+    export_edge(ExportConfig(model_dir=checkpoint, out_dir=out, verify=False, graph=graph, quant=quant))
 
 
 class HighWaterMark:
@@ -292,17 +302,17 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         log(f"building a random {args.preset} checkpoint -> {checkpoint}")
         child("--step", "build", args.preset, str(args.max_tiles or 0), str(checkpoint))
     results = {}
-    for quant in args.quant:
-        out = work / f"edge-lean-{quant}"
+    for name in args.exports:
+        out = work / f"edge-{name}"
         if not (out / "stitch_edge.json").exists():
-            log(f"stitch-export --graph lean --quant {quant} -> {out}")
-            child("--step", "export", str(checkpoint), str(out), quant)
+            graph, quant = EXPORTS[name]
+            log(f"stitch-export --graph {graph} --quant {quant} -> {out}")
+            child("--step", "export", str(checkpoint), str(out), name)
         log(f"one question on {out.name} ({args.threads} threads)")
         size = [str(side) for side in BenchPreset.from_name(args.preset).image_size]
         line = child("--step", "question", str(out), *size, str(args.threads), str(args.new_tokens))
-        results[quant] = json.loads(line)
-        r = results[quant]
-        log(f"{quant}: {r['question_ms'] / 1e3:.1f} s a question, process peak {r['peak_process_mb']:.0f} MB")
+        results[name] = r = json.loads(line)
+        log(f"{name}: {r['question_ms'] / 1e3:.1f} s a question, process peak {r['peak_process_mb']:.0f} MB")
     genai = None
     if args.genai:
         first = next(iter(results.values()))
@@ -313,7 +323,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
 def summary(args: argparse.Namespace, results: dict, genai: dict | None) -> dict:
     import platform
 
-    fp32 = results.get("none")
+    explicit = results.get("explicit")
     line = {
         "device": f"cpu ({args.threads} threads, {platform.processor() or platform.machine()})",
         "preset": args.preset,
@@ -322,11 +332,12 @@ def summary(args: argparse.Namespace, results: dict, genai: dict | None) -> dict
         "exports": results,
         "genai_prefill_extra_mb": None if genai is None else round(genai["extra_mb"], 1),
     }
-    for quant, r in results.items():
-        if fp32 is not None and quant != "none":
-            line[f"{quant}_speedup_vs_fp32"] = round(fp32["question_ms"] / r["question_ms"], 3)
+    for name, r in results.items():
+        key = name.replace("-", "_")
+        if explicit is not None and name != "explicit":
+            line[f"{key}_speedup_vs_explicit"] = round(explicit["question_ms"] / r["question_ms"], 3)
         if genai is not None:
-            line[f"{quant}_prefill_extra_vs_genai"] = round(r["prefill_extra_mb"] / genai["extra_mb"], 3)
+            line[f"{key}_prefill_extra_vs_genai"] = round(r["prefill_extra_mb"] / genai["extra_mb"], 3)
     return line
 
 
@@ -336,8 +347,8 @@ def print_table(line: dict) -> None:
     header += ["RSS warm MB", "vision extra MB", "prefill extra MB", "process peak MB"]
     print("| " + " | ".join(header) + " |")
     print("|" + " --- |" * len(header))
-    for quant, r in line["exports"].items():
-        cells = [f"lean {quant if quant != 'none' else 'fp32'}", r["tiles"], r["prompt_tokens"]]
+    for name, r in line["exports"].items():
+        cells = [name, r["tiles"], r["prompt_tokens"]]
         cells += [f"{r[f'{s}_ms']:.0f}" for s in STAGES]
         cells += [f"{r['question_ms'] / 1e3:.1f}", f"{r['load_ms'] / 1e3:.1f}", f"{r['rss_warm_mb']:.0f}"]
         cells += [
@@ -373,7 +384,9 @@ def step_main(argv: list[str]) -> int:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="internvl3-1b", help="bench/presets.py shape")
-    parser.add_argument("--quant", nargs="+", choices=QUANTS, default=list(QUANTS), help="exports to time")
+    parser.add_argument(
+        "--exports", nargs="+", choices=list(EXPORTS), default=list(EXPORTS), help="what to time"
+    )
     parser.add_argument("--max-tiles", type=int, default=None, help="lower the preset's tile cap")
     parser.add_argument("--threads", type=int, default=2, help="ORT intra-op threads")
     parser.add_argument("--new-tokens", type=int, default=16)

@@ -69,14 +69,22 @@ def test_stage_windows_are_consecutive_and_end_with_the_consistency_pass():
 
 @pytest.mark.slow
 def test_quick_preset_question_per_export(tmp_path):
-    """The whole benchmark at the quick preset, fp32 and int8: one child process per step."""
+    """The whole benchmark at the quick preset, explicit and lean int8: one child process per step."""
     pytest.importorskip("torch")
     from presets import BenchPreset
 
     from stitchvlm.shared.layout import TilingConfig
     from stitchvlm.shared.preprocess import compute_layout
 
-    command = [sys.executable, str(BENCH / "edge_stages.py"), "--preset", "quick", "--quant", "none", "int8"]
+    command = [
+        sys.executable,
+        str(BENCH / "edge_stages.py"),
+        "--preset",
+        "quick",
+        "--exports",
+        "explicit",
+        "lean-int8",
+    ]
     command += ["--threads", "1", "--new-tokens", "4", "--max-tiles", "4", "--work-dir", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -85,7 +93,7 @@ def test_quick_preset_question_per_export(tmp_path):
     width, height = preset.image_size
     capped = TilingConfig(tile_size=preset.tile, max_tiles=4, tokens_per_tile=preset.tokens_per_tile)
     layout = compute_layout(width, height, capped)
-    assert set(line["exports"]) == {"none", "int8"}
+    assert set(line["exports"]) == {"explicit", "lean-int8"}
     for r in line["exports"].values():
         assert (r["tiles"], r["visual_tokens"]) == (layout.num_tiles, layout.num_visual_tokens)
         stages = sum(r[f"{stage}_ms"] for stage in edge_stages.STAGES)
@@ -93,5 +101,5 @@ def test_quick_preset_question_per_export(tmp_path):
         assert len(r["tokens"]) == 4
         assert r["peak_process_mb"] >= max(r[f"peak_{stage}_mb"] for stage in edge_stages.STAGES) - 1
         assert r["prefill_extra_mb"] >= 0 and r["vision_extra_mb"] >= 0
-    assert line["int8_speedup_vs_fp32"] > 0
+    assert line["lean_int8_speedup_vs_explicit"] > 0
     assert line["genai_prefill_extra_mb"] is None  # --genai not asked
