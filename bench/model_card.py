@@ -11,7 +11,9 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from stitchvlm.shared.synthetic import QTYPES
+from pair_presets import FAMILY_MAX_NEW_TOKENS  # bench/pair_presets.py
+
+from stitchvlm.shared.synthetic import family_qtypes
 
 CHANCE = {"colour": "1/7", "shape": "1/7", "count": "1/4", "digit": "1/10", "spatial": "1/7"}
 
@@ -41,28 +43,75 @@ def merge_results(out: Path, results: dict[str, dict], meta: dict, order: Sequen
     return {name: merged[name] for name in order if name in merged}
 
 
-def write_model_card(out: Path) -> None:
-    """MODEL_CARD.md from accuracy.json."""
-    record = json.loads((out / "accuracy.json").read_text())
-    meta, results = record["meta"], record["models"]
-    tiling = meta["tiling"]
-    lines = [
-        "# Synthetic pair: synthetic-small and synthetic-large",
-        "",
-        "Two InternVL models (the `InternVLForConditionalGeneration` architecture of the InternVL3-*-hf",
-        "checkpoints) trained from scratch by `bench/train_pair.py` on `stitchvlm.shared.synthetic`.",
-        "They exist so the cascade has a small and a large model that really answer and differ in how",
-        "well. Not for any other use.",
-        "",
-        "## Data",
-        "",
+# What each family's card says about its data; the rest of the card is common.
+FAMILY_DATA = {
+    "basic": [
         "- 448 x 448 images of 3-6 coloured shapes (7 colours, 7 shapes, 34-48 px; some hold a printed",
         "  digit), one per cell of an 8 x 8 grid of 56 px cells (the visual-token grid of the 2 x 2 tiling),",
         "  on a light background; each test image has one question, answered with one word or digit",
-        f"- question types: {', '.join(QTYPES)} (uniform); train, val and test are disjoint seed streams",
+    ],
+    "crowded": [
+        "- 448 x 224 images of 10-20 objects (7 colours, 7 shapes, two sizes: small 24-30 px, large",
+        "  44-50 px; roomy shapes may hold a printed two-digit number), one per cell of an 8 x 4 grid of",
+        "  56 px cells, each object on a 2 x 2 block of visual tokens",
+        "- every object a question names is named by a conjunction of attributes, and the scene holds,",
+        "  for each named attribute, an object that matches all the others but not it; answers are one",
+        "  word, a two-digit number, a count (1-5) or two words (`shared/synthetic_crowded.py`)",
+        "- each test image has one question",
+    ],
+}
+FAMILY_CURRICULUM = {
+    "basic": [
+        "- curriculum: scenes start with 2 objects and reach the standard 3-6 after the fraction of steps below"
+    ],
+    "crowded": [
+        "- curriculum over the fraction of steps below: its first 40% (`WARMUP_LEVEL`) shows warm-up scenes",
+        "  of 1-2 objects whose questions need only a unique description; then 4-6 objects, growing to",
+        "  the standard 10-20 at its end",
+    ],
+}
+FAMILY_TILES = {
+    "basic": ("2 x 2 grid + thumbnail", 5),
+    "crowded": ("2 x 1 grid + thumbnail", 3),
+}  # (grid, tiles)
+FAMILY_CHANCE = {
+    "basic": CHANCE,
+    "crowded": {
+        "colour": "1/7",
+        "shape": "1/7",
+        "count": "1/5",
+        "number": "1/90",
+        "spatial": "1/49",
+        "relation": "1/2",
+    },
+}
+
+
+def write_model_card(out: Path) -> None:
+    """MODEL_CARD.md from accuracy.json (the task family's own data section and question types)."""
+    record = json.loads((out / "accuracy.json").read_text())
+    meta, results = record["meta"], record["models"]
+    family = meta.get("family", "basic")
+    prefix = "synthetic" if family == "basic" else family
+    qtypes = family_qtypes(family)
+    chance = FAMILY_CHANCE[family]
+    tiling = meta["tiling"]
+    grid, tiles = FAMILY_TILES[family]
+    lines = [
+        f"# Synthetic pair ({family} family): {prefix}-small and {prefix}-large",
+        "",
+        "Two InternVL models (the `InternVLForConditionalGeneration` architecture of the InternVL3-*-hf",
+        f"checkpoints) trained from scratch by `bench/train_pair.py --family {family}` on",
+        "`stitchvlm.shared.synthetic`. They exist so the cascade has a small and a large model that",
+        "really answer and differ in how well. Not for any other use.",
+        "",
+        "## Data",
+        "",
+        *FAMILY_DATA[family],
+        f"- question types: {', '.join(qtypes)} (uniform); train, val and test are disjoint seed streams",
         f"- test: the first {meta['test_examples']} examples of the `test` split, seed {meta['seed']}",
-        f"- tiling: {tiling['tile_size']} px tiles, 2 x 2 grid + thumbnail = 5 tiles, "
-        f"{tiling['tokens_per_tile']} tokens per tile, {5 * tiling['tokens_per_tile']} visual tokens",
+        f"- tiling: {tiling['tile_size']} px tiles, {grid} = {tiles} tiles, "
+        f"{tiling['tokens_per_tile']} tokens per tile, {tiles * tiling['tokens_per_tile']} visual tokens",
         f"- tokenizer: byte-level BPE, {meta['vocab_size']} tokens, shared by both models",
         "",
         "## Training",
@@ -71,16 +120,11 @@ def write_model_card(out: Path) -> None:
         "- each training image is one conversation: the question exactly as serving sends it, then",
         "  further questions about the same image as follow-up turns (the chat template's multi-turn",
         "  form); loss on every answer token and its `<|im_end|>`",
-        "- two auxiliary losses, dropped with their heads after training (the checkpoints are the plain",
-        "  model): grounding (each visual token's embedding predicts the colour, shape and digit of the",
-        "  object it covers, through the LM's tied word embeddings) and early answer (the answer's first",
-        "  token predicted already at the question's last word, one attention hop from the image).",
-        "  Neither supervises attention: which visual tokens a model reads (what SGP's scores measure)",
-        "  is learned from the answers",
-        "- curriculum: scenes start with 2 objects and reach the standard 3-6 after the fraction of",
-        "  steps below; AdamW (betas 0.9/0.98, weight decay on matrices), warmup then cosine decay",
+        *_auxiliary_losses(family),
+        *FAMILY_CURRICULUM[family],
+        "- AdamW (betas 0.9/0.98, weight decay on matrices), warmup then cosine decay",
         *[
-            f"- synthetic-{name}: `{r['train']['command']}` (torch threads: {r['train']['threads']})"
+            f"- {prefix}-{name}: `{r['train']['command']}` (torch threads: {r['train']['threads']})"
             for name, r in results.items()
             if "command" in r["train"]
         ],
@@ -90,24 +134,26 @@ def write_model_card(out: Path) -> None:
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, r in results.items():
-        lines.append(_model_row(name, r))
-    lines += _steps_note(results)
+        lines.append(_model_row(f"{prefix}-{name}", r))
+    if family == "basic":
+        lines += _steps_note(results)
     lines += [
         "",
-        "## Test accuracy (%, exact match, greedy `model.generate`, at most 4 new tokens)",
+        f"## Test accuracy (%, exact match, greedy `model.generate`, at most "
+        f"{FAMILY_MAX_NEW_TOKENS[family]} new tokens)",
         "",
-        "| model | overall | " + " | ".join(QTYPES) + " | first 60 |",
-        "| --- | ---: | " + " | ".join("---:" for _ in QTYPES) + " | ---: |",
+        "| model | overall | " + " | ".join(qtypes) + " | first 60 |",
+        "| --- | ---: | " + " | ".join("---:" for _ in qtypes) + " | ---: |",
     ]
     for name, r in results.items():
         t = r["test"]
-        per_type = " | ".join(f"{100 * t['per_qtype'].get(q, float('nan')):.1f}" for q in QTYPES)
+        per_type = " | ".join(f"{100 * t['per_qtype'].get(q, float('nan')):.1f}" for q in qtypes)
         lines.append(
-            f"| synthetic-{name} | {100 * t['accuracy']:.1f} | {per_type} | {100 * r['first_60_accuracy']:.1f} |"
+            f"| {prefix}-{name} | {100 * t['accuracy']:.1f} | {per_type} | {100 * r['first_60_accuracy']:.1f} |"
         )
     lines += [
         "",
-        "Chance level per type: " + ", ".join(f"{q} {CHANCE[q]}" for q in QTYPES) + ".",
+        "Chance level per type: " + ", ".join(f"{q} {chance[q]}" for q in qtypes) + ".",
         "Per-example test predictions are in `accuracy.json`; `tests/test_synthetic.py` re-scores them",
         "and re-generates the first 60 with transformers.",
         "",
@@ -116,12 +162,32 @@ def write_model_card(out: Path) -> None:
     ]
     for name, r in results.items():
         if "history" not in r["train"]:
-            lines.append(f"- synthetic-{name}: reused from an earlier run (`--reuse`), no history recorded")
+            lines.append(f"- {prefix}-{name}: reused from an earlier run (`--reuse`), no history recorded")
             continue
         points = ", ".join(f"{h['step']}: {100 * h['val_accuracy']:.0f}%" for h in r["train"]["history"])
-        lines.append(f"- synthetic-{name} (step: accuracy on {meta['val_examples']} val examples): {points}")
+        lines.append(f"- {prefix}-{name} (step: accuracy on {meta['val_examples']} val examples): {points}")
     lines.append("")
     (out / "MODEL_CARD.md").write_text("\n".join(lines))
+
+
+def _auxiliary_losses(family: str) -> list[str]:
+    grounding = [
+        "- an auxiliary grounding loss, dropped with its head after training (the checkpoints are the",
+        "  plain model): each visual token's embedding predicts the attributes of the object it covers,",
+        "  through the LM's tied word embeddings. It does not supervise attention: which visual tokens a",
+        "  model reads (what SGP's scores measure) is learned from the answers",
+    ]
+    if family == "basic":
+        return [
+            *grounding,
+            "- an early-answer loss, also dropped: the answer's first token predicted already at the",
+            "  question's last word, one attention hop from the image",
+        ]
+    return [
+        *grounding,
+        "- no early-answer loss (it would move the answer into the question's text positions in the",
+        "  first layers, a shortcut of where attention goes)",
+    ]
 
 
 def _steps_note(results: dict[str, dict]) -> list[str]:
@@ -148,7 +214,7 @@ def _steps_note(results: dict[str, dict]) -> list[str]:
 def _model_row(name: str, r: dict) -> str:
     s, p = r["train"], r["train"]["preset"]
     sizes = (
-        f"| synthetic-{name} | {p['vision_hidden']} x {p['vision_layers']} | {p['text_hidden']} x "
+        f"| {name} | {p['vision_hidden']} x {p['vision_layers']} | {p['text_hidden']} x "
         f"{p['text_layers']} | {s['parameters'] / 1e6:.2f}M"
     )
     if "config" not in s:  # --reuse: trained by an earlier run whose figures are not recorded here

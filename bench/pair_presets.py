@@ -77,6 +77,9 @@ CROWDED_TILING = TilingConfig(
 )
 FAMILY_PRESETS = {"basic": PRESETS, "crowded": CROWDED_PRESETS}
 FAMILY_TILING = {"basic": TILING, "crowded": CROWDED_TILING}
+# Greedy generation length of the card's test accuracy: basic answers are one token plus <|im_end|>;
+# crowded ones two digits or two words, then <|im_end|>.
+FAMILY_MAX_NEW_TOKENS = {"basic": 4, "crowded": 6}
 FAMILY_PREFIX = {
     "basic": "synthetic",
     "crowded": "crowded",

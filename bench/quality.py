@@ -60,7 +60,7 @@ is one JSON object. It neither trains nor exports by itself (the ONNX export is
 
     python bench/quality.py                       # the embedded pair, n = 300
     python bench/quality.py --n 40 --small DIR --large DIR
-    python bench/quality.py --family crowded --small runs/crowded-pair/crowded-small --large ...
+    python bench/quality.py --family crowded     # the crowded pair (runs/crowded-pair), n = 300
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pair_presets import FAMILY_MAX_NEW_TOKENS, FAMILY_OUT  # bench/pair_presets.py
 from quality_report import (  # bench/quality_report.py; the column tables are re-exported
     CURVE,
     GATES,
@@ -113,7 +114,16 @@ from stitchvlm.shared.synthetic import (
     iter_dataset,
 )
 
-MAX_NEW_TOKENS = {"basic": 4, "crowded": 6}  # one word or digit / two digits or two words, plus EOS
+MAX_NEW_TOKENS = FAMILY_MAX_NEW_TOKENS  # one word or digit / two digits or two words, plus EOS
+RESULTS = Path(__file__).resolve().parent / "results"
+# Per family: the pair it is scored on by default (the embedded pair; for crowded, where
+# train_pair.py writes it) and where its report goes.
+_CROWDED = Path(__file__).resolve().parent.parent / FAMILY_OUT["crowded"]
+FAMILY_PAIR = {
+    "basic": (embedded_model_dir(EMBEDDED_SMALL), embedded_model_dir(EMBEDDED_LARGE)),
+    "crowded": (_CROWDED / "crowded-small", _CROWDED / "crowded-large"),
+}
+FAMILY_RESULTS = {"basic": RESULTS, "crowded": RESULTS / "crowded"}
 
 
 def progress(message: str) -> None:
@@ -599,10 +609,10 @@ def run(config: QualityConfig) -> dict:
 def parse_args(argv: Sequence[str] | None) -> QualityConfig:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--small", type=Path, default=embedded_model_dir(EMBEDDED_SMALL), help="small checkpoint"
+        "--small", type=Path, default=None, help="small checkpoint (default: the family's pair)"
     )
     parser.add_argument(
-        "--large", type=Path, default=embedded_model_dir(EMBEDDED_LARGE), help="large checkpoint"
+        "--large", type=Path, default=None, help="large checkpoint (default: the family's pair)"
     )
     parser.add_argument("--n", type=int, default=300, help="test examples")
     parser.add_argument("--seed", type=int, default=0, help="test split seed")
@@ -612,10 +622,13 @@ def parse_args(argv: Sequence[str] | None) -> QualityConfig:
         "--family", choices=FAMILIES, default=DEFAULT_FAMILY, help="task family of the test split"
     )
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: 4 (basic), 6 (crowded)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--out", type=Path, default=None, help="default: bench/results[/crowded]")
     parser.add_argument("--cache", type=Path, default=None, help="ONNX export cache (default: the demo's)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
+    args.small = args.small or FAMILY_PAIR[args.family][0]
+    args.large = args.large or FAMILY_PAIR[args.family][1]
+    args.out = args.out or FAMILY_RESULTS[args.family]
     if args.threads:
         torch.set_num_threads(args.threads)
     for flag, path in (("--small", args.small), ("--large", args.large)):

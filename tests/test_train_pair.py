@@ -258,3 +258,36 @@ def test_an_interrupted_and_resumed_run_ends_with_the_uninterrupted_weights(crow
     other = train_pair.TrainConfig(**{**train_pair.asdict(config), "lr": 5e-4})
     with pytest.raises(ValueError, match="another run"):
         train_pair.train_model("small", preset, files, other, cpu, val, checkpoint, resume=True)
+
+
+def test_the_crowded_card_lists_its_own_question_types_tiles_and_models(tmp_path):
+    """Guards against a crowded record rendered with the basic family's card (its question types,
+    chance levels, 5 tiles of 16 tokens and synthetic-* names)."""
+    import model_card
+
+    from stitchvlm.shared import synthetic_crowded
+
+    qtypes = synthetic_crowded.QTYPES
+    test = {"accuracy": 0.25, "per_qtype": {q: 0.25 for q in qtypes}}
+    preset = train_pair.asdict(train_pair.CROWDED_PRESETS["small"])
+    train = {"parameters": 890_000, "preset": preset, "history": [{"step": 500, "val_accuracy": 0.2}]}
+    meta = {
+        "family": "crowded",
+        "seed": 0,
+        "test_examples": 300,
+        "tiling": train_pair.asdict(train_pair.CROWDED_TILING),
+        "vocab_size": 486,
+        "device": "cpu",
+        "torch": "2.13.0",
+        "platform": "linux",
+        "val_examples": 200,
+    }
+    record = {"small": {"train": train, "test": test, "first_60_accuracy": 0.25, "checkpoint_mb": 3.6}}
+    model_card.write_accuracy(tmp_path, record, meta)
+    model_card.write_model_card(tmp_path)
+    card = (tmp_path / "MODEL_CARD.md").read_text()
+    assert "| model | overall | " + " | ".join(qtypes) + " | first 60 |" in card
+    assert "| crowded-small | 25.0 |" in card and "synthetic-" not in card
+    assert "2 x 1 grid + thumbnail = 3 tiles, 64 tokens per tile, 192 visual tokens" in card
+    assert "number 1/90" in card and "early-answer loss" in card and "warm-up" in card
+    assert "- crowded-small (step: accuracy on 200 val examples): 500: 20%" in card
