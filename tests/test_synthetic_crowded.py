@@ -198,8 +198,14 @@ def test_curriculum_levels_only_thin_training_scenes():
     assert crowded.object_limits(1.0) == crowded.OBJECTS_PER_IMAGE
     standard = make_example(4, "train", family="crowded")
     assert image_hash(make_example(4, "train", 1.0, "crowded")) == image_hash(standard)
-    easy = [make_example((0, i), "train", 0.0, "crowded") for i in range(30)]
+    warmup = [make_example((0, i), "train", 0.0, "crowded") for i in range(30)]
+    assert {len(e.objects) for e in warmup} == {1, 2}
+    for example in warmup:  # each question still answered by the scene it asks about
+        asked = crowded.scene_questions(example.objects, example.qtype)
+        assert Question(example.question, example.answer, example.qtype, example.region) in asked
+    easy = [make_example((0, i), "train", crowded.WARMUP_LEVEL, "crowded") for i in range(30)]
     assert max(len(e.objects) for e in easy) <= 9  # 4-6 plus the distractors a question needs
+    assert min(len(e.objects) for e in easy) >= 4
 
 
 def test_answers_take_several_tokens_and_images_many_visual_tokens():
