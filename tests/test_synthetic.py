@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +32,15 @@ from stitchvlm.shared.synthetic import (
     SceneLimits,
     dataset,
     exact_match,
+    family_qtypes,
     make_example,
     more_questions,
     scene_limits,
     scene_questions,
 )
+from stitchvlm.shared.synthetic_crowded import CANVAS as CROWDED_CANVAS
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "shared" / "models"
-PAIR = ("synthetic-small", "synthetic-large")
 CHECKED_TEST_EXAMPLES = 60  # how many test examples the slow check re-generates
 # Greedy answers may flip on a near-tie between the trainer's thread count and this one-thread run.
 ALLOWED_FLIPS = 2
@@ -291,34 +293,61 @@ def test_a_448_image_is_five_tiles():
 # ---------------------------------------------------------------------------
 
 
-# The pair is trained by bench/train_pair.py and committed with its card; until it is, these
-# tests say so instead of failing on a missing file. Once shared/models/accuracy.json exists they run.
-requires_pair = pytest.mark.skipif(
-    not (MODELS_DIR / "accuracy.json").exists(),
-    reason="the embedded pair is not trained yet (shared/models/accuracy.json absent; bench/train_pair.py)",
-)
+# The pairs are trained by bench/train_pair.py and committed with their cards; until one is, its
+# tests say so instead of failing on a missing file. Once <dir>/accuracy.json exists they run.
+@dataclass(frozen=True)
+class CommittedPair:
+    family: str
+    directory: Path
+    prefix: str  # checkpoint names: <prefix>-small, <prefix>-large
+    image_size: tuple[int, int]  # (width, height) of every image of the family
+    tiles: int  # tiles of such an image (grid + thumbnail)
+    max_new_tokens: int  # the trainer's generation length for the card's accuracy
+    floor: float  # the small model's accuracy must exceed it (well above chance: it really answers)
+
+    def names(self) -> tuple[str, str]:
+        return (f"{self.prefix}-small", f"{self.prefix}-large")
+
+    def record(self) -> dict:
+        return json.loads((self.directory / "accuracy.json").read_text())
 
 
-def recorded_accuracy() -> dict:
-    return json.loads((MODELS_DIR / "accuracy.json").read_text())
+COMMITTED = {
+    "basic": CommittedPair("basic", MODELS_DIR, "synthetic", (IMAGE_SIZE, IMAGE_SIZE), 5, 4, 0.3),
+    "crowded": CommittedPair("crowded", MODELS_DIR / "crowded", "crowded", CROWDED_CANVAS, 3, 6, 0.2),
+}
 
 
-@requires_pair
-@pytest.mark.parametrize("name", PAIR)
-def test_committed_checkpoint_loads_like_any_hf_checkpoint(name):
+def committed(family: str):
+    pair = COMMITTED[family]
+    mark = pytest.mark.skipif(
+        not (pair.directory / "accuracy.json").exists(),
+        reason=f"the {family} pair is not committed yet ({pair.directory}/accuracy.json absent; bench/train_pair.py)",
+    )
+    return pytest.param(pair, marks=mark, id=family)
+
+
+ALL_PAIRS = [committed(family) for family in COMMITTED]
+
+
+@pytest.mark.parametrize("pair", ALL_PAIRS)
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_committed_checkpoint_loads_like_any_hf_checkpoint(pair, size):
     """Guards against a committed pair that transformers or the torch-free edge reader cannot load."""
     from stitchvlm.shared.model_files import ModelFiles
 
-    files = ModelFiles.load(MODELS_DIR / name)
-    layout = compute_layout(IMAGE_SIZE, IMAGE_SIZE, files.tiling)
-    assert layout.num_tiles == 5 and layout.num_visual_tokens == 5 * files.tiling.tokens_per_tile
-    size = sum(f.stat().st_size for f in (MODELS_DIR / name).glob("*.safetensors"))
-    assert size < 30e6
+    path = pair.directory / f"{pair.prefix}-{size}"
+    files = ModelFiles.load(path)
+    layout = compute_layout(*pair.image_size, files.tiling)
+    assert layout.num_tiles == pair.tiles
+    assert layout.num_visual_tokens == pair.tiles * files.tiling.tokens_per_tile
+    size_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    assert size_bytes < 30e6
 
 
 @pytest.mark.slow
-@requires_pair
-def test_committed_pair_answers_as_recorded():
+@pytest.mark.parametrize("pair", ALL_PAIRS)
+def test_committed_pair_answers_as_recorded(pair):
     """Guards against committed weights, card and serving inputs drifting apart: re-generate 60 test answers.
 
     Loads each model with ``from_pretrained`` and its files with ``ModelFiles``,
@@ -333,13 +362,13 @@ def test_committed_pair_answers_as_recorded():
     from stitchvlm.shared.prompt import build_prompt
 
     torch.set_num_threads(1)
-    record = recorded_accuracy()
-    examples = dataset("test", CHECKED_TEST_EXAMPLES, seed=record["meta"]["seed"])
+    record = pair.record()
+    examples = dataset("test", CHECKED_TEST_EXAMPLES, seed=record["meta"]["seed"], family=pair.family)
     accuracy = {}
-    for name in PAIR:
-        model = InternVLForConditionalGeneration.from_pretrained(MODELS_DIR / name).eval()
-        files = ModelFiles.load(MODELS_DIR / name)
-        tokenizer = AutoTokenizer.from_pretrained(MODELS_DIR / name)
+    for name in pair.names():
+        model = InternVLForConditionalGeneration.from_pretrained(pair.directory / name).eval()
+        files = ModelFiles.load(pair.directory / name)
+        tokenizer = AutoTokenizer.from_pretrained(pair.directory / name)
         predictions = []
         with torch.no_grad():
             for example in examples:
@@ -351,41 +380,42 @@ def test_committed_pair_answers_as_recorded():
                     input_ids=ids[None],
                     attention_mask=torch.ones_like(ids)[None],
                     pixel_values=torch.from_numpy(pixels),
-                    max_new_tokens=4,
+                    max_new_tokens=pair.max_new_tokens,
                     do_sample=False,
                 )
                 predictions.append(tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True))
-        recorded = record["models"][name.removeprefix("synthetic-")]["test"]["predictions"]
-        flips = sum(p != r for p, r in zip(predictions, recorded[:CHECKED_TEST_EXAMPLES], strict=False))
+        recorded = record["models"][name.removeprefix(f"{pair.prefix}-")]
+        flips = sum(p != r for p, r in zip(predictions, recorded["test"]["predictions"], strict=False))
         assert flips <= ALLOWED_FLIPS, (
             f"{name}: {flips} of {CHECKED_TEST_EXAMPLES} answers differ from accuracy.json"
         )
         accuracy[name] = np.mean(
             [exact_match(p, e.answer) for p, e in zip(predictions, examples, strict=True)]
         )
-        stated = record["models"][name.removeprefix("synthetic-")]["first_60_accuracy"]
-        assert abs(accuracy[name] - stated) <= ALLOWED_FLIPS / CHECKED_TEST_EXAMPLES
+        assert abs(accuracy[name] - recorded["first_60_accuracy"]) <= ALLOWED_FLIPS / CHECKED_TEST_EXAMPLES
     # The pair must really answer, and the large model must be the better one; neither is perfect.
-    assert 0.3 < accuracy["synthetic-small"] < accuracy["synthetic-large"] < 1.0
+    small, large = pair.names()
+    assert pair.floor < accuracy[small] < accuracy[large] < 1.0
 
 
-@requires_pair
-def test_recorded_accuracy_matches_predictions_and_meets_the_gap():
+@pytest.mark.parametrize("pair", ALL_PAIRS)
+def test_recorded_accuracy_matches_predictions_and_meets_the_gap(pair):
     """Guards against a card whose figures do not follow from its predictions, or a pair without a gap.
 
     Regenerates the test split, re-scores the recorded predictions with ``exact_match``
-    (overall and per question type), and checks the issue's requirement: the large
+    (overall and per question type), and checks the issues' requirement: the large
     model at least 10 points better overall than the small one, neither at 100%.
     """
-    record = recorded_accuracy()
-    examples = dataset("test", record["meta"]["test_examples"], seed=record["meta"]["seed"])
+    record = pair.record()
+    meta = record["meta"]
+    examples = dataset("test", meta["test_examples"], seed=meta["seed"], family=pair.family)
     overall = {}
     for name, result in record["models"].items():
         test = result["test"]
         correct = [exact_match(p, e.answer) for p, e in zip(test["predictions"], examples, strict=True)]
         assert test["correct"] == correct
         assert test["accuracy"] == pytest.approx(np.mean(correct))
-        for qtype in QTYPES:
+        for qtype in family_qtypes(pair.family):
             of_type = [ok for ok, e in zip(correct, examples, strict=True) if e.qtype == qtype]
             assert test["per_qtype"][qtype] == pytest.approx(np.mean(of_type)), (name, qtype)
         assert result["first_60_accuracy"] == pytest.approx(np.mean(correct[:CHECKED_TEST_EXAMPLES]))
