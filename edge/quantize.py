@@ -129,10 +129,12 @@ def quantize_export(
     scheme: str,
     block_size: int = DEFAULT_BLOCK_SIZE,
     accuracy_level: int | None = None,
+    vision: bool = True,
 ) -> WeightQuant:
-    """Quantize the vision and decoder graphs found in ``float_dir`` into ``out_dir``.
+    """Quantize the decoder graph (and, with ``vision``, the vision graph) of ``float_dir`` into ``out_dir``.
 
-    ``accuracy_level`` None: ``DEFAULT_ACCURACY_LEVEL[scheme]``.
+    ``accuracy_level`` None: ``DEFAULT_ACCURACY_LEVEL[scheme]``. A graph left float is
+    not written; the returned ``graphs`` names only the quantized ones.
     """
     if scheme not in QUANT_BITS:
         raise ValueError(f"quant must be one of {sorted(QUANT_BITS)}, got {scheme!r}")
@@ -140,7 +142,8 @@ def quantize_export(
         accuracy_level = DEFAULT_ACCURACY_LEVEL[scheme]
     dims = sidecar.dims
     counts, lm_head = {}, False
-    for name in (sidecar.graphs.vision, sidecar.graphs.decoder):
+    names = (sidecar.graphs.vision, sidecar.graphs.decoder) if vision else (sidecar.graphs.decoder,)
+    for name in names:
         head_shape = (dims.hidden_size, dims.vocab_size) if name == sidecar.graphs.decoder else None
         counts[name], has_head = quantize_graph(
             float_dir / name, out_dir / name, QUANT_BITS[scheme], block_size, True, accuracy_level, head_shape

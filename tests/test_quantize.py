@@ -134,6 +134,27 @@ def test_sidecar_records_what_was_quantized(float_dirs, quant_dirs, scheme):
         assert "MatMulNBits" not in {n.op_type for n in onnx.load(str(float_dir / "decoder.onnx")).graph.node}
 
 
+def test_no_quant_vision_keeps_the_vision_graph_float(tiny_checkpoint, float_dirs, tmp_path):
+    """Guards against --no-quant-vision quantizing the tower anyway, leaving no vision graph in the
+    export, or recording a vision graph it did not quantize; the decoder is quantized as usual and the
+    export's own comparison (verification on) still passes."""
+    out = tmp_path / "lean-int8-float-vision"
+    args = ["--model", str(tiny_checkpoint), "--out", str(out), "--graph", "lean", "--quant", "int8"]
+    assert main([*args, "--no-quant-vision"]) == 0
+    sidecar = EdgeSidecar.load(out)
+    assert set(sidecar.quant.graphs) == {sidecar.graphs.decoder}
+    vision = onnx.load(str(out / sidecar.graphs.vision)).graph
+    assert "MatMulNBits" not in {n.op_type for n in vision.node}
+    float_vision = onnx.load(str(float_dirs["lean"] / sidecar.graphs.vision)).graph
+    assert [n.op_type for n in vision.node] == [n.op_type for n in float_vision.node]
+    decoder_ops = {n.op_type for n in onnx.load(str(out / sidecar.graphs.decoder)).graph.node}
+    assert "MatMulNBits" in decoder_ops
+    reference = EdgeModel.load(float_dirs["lean"], providers=[CPU])
+    report = compare_quantized(reference, EdgeModel.load(out, providers=[CPU]), "int8")
+    assert report.image_embeds_rel == 0.0  # the same float tower
+    assert 0 < report.logits_rel <= BOUNDS["int8"]["logits_rel"]
+
+
 def test_sidecar_quant_round_trips_and_older_versions_read_unquantized(quant_dirs):
     """Guards against the quant record lost or mangled through JSON, and against version-3
     sidecars (written before the field) failing to load."""
