@@ -13,7 +13,7 @@ export's sessions exist at a time:
    ``explicit`` (the traced graphs, the runtime's default), ``lean`` (``--graph
    lean``: fused ORT ops for the vision tower and the decoder, fp32) and
    ``lean-int8`` / ``lean-int4`` (``--quant``: weight-only MatMulNBits,
-   vision and decoder);
+   vision and decoder) and ``lean-int4-decoder`` (``--no-quant-vision``);
 3. per export, in a fresh child process, ``EdgeModel.load`` and then, cold
    (the sessions' first runs, as on a device's first question), the vision
    graph on the image and one prefill pass with a KV cache sized as
@@ -59,12 +59,13 @@ from dataclasses import replace
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-# Export name -> (stitch-export --graph, --quant).
+# Export name -> (stitch-export --graph, --quant, quantize the vision graph too).
 EXPORTS = {
-    "explicit": ("explicit", "none"),
-    "lean": ("lean", "none"),
-    "lean-int8": ("lean", "int8"),
-    "lean-int4": ("lean", "int4"),
+    "explicit": ("explicit", "none", False),
+    "lean": ("lean", "none", False),
+    "lean-int8": ("lean", "int8", True),
+    "lean-int4": ("lean", "int4", True),
+    "lean-int4-decoder": ("lean", "int4", False),  # --no-quant-vision
 }
 CONSISTENCY_RETENTION = 0.05  # r_c, DESIGN "SEE gate"
 SAMPLE_SECONDS = 0.002  # RSS sampling interval of the per-stage peaks
@@ -153,8 +154,9 @@ def build_step(preset_name: str, max_tiles: int | None, out: Path) -> None:
 def export_step(checkpoint: Path, out: Path, name: str) -> None:
     from stitchvlm.edge.export import ExportConfig, export_edge
 
-    graph, quant = EXPORTS[name]
-    export_edge(ExportConfig(model_dir=checkpoint, out_dir=out, verify=False, graph=graph, quant=quant))
+    graph, quant, vision = EXPORTS[name]
+    config = ExportConfig(model_dir=checkpoint, out_dir=out, verify=False, graph=graph, quant=quant)
+    export_edge(replace(config, quant_vision=vision) if quant != "none" else config)
 
 
 class HighWaterMark:
@@ -305,8 +307,9 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     for name in args.exports:
         out = work / f"edge-{name}"
         if not (out / "stitch_edge.json").exists():
-            graph, quant = EXPORTS[name]
-            log(f"stitch-export --graph {graph} --quant {quant} -> {out}")
+            graph, quant, vision = EXPORTS[name]
+            flags = "" if vision or quant == "none" else " --no-quant-vision"
+            log(f"stitch-export --graph {graph} --quant {quant}{flags} -> {out}")
             child("--step", "export", str(checkpoint), str(out), name)
         log(f"one question on {out.name} ({args.threads} threads)")
         size = [str(side) for side in BenchPreset.from_name(args.preset).image_size]
