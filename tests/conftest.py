@@ -103,3 +103,22 @@ def tiny_edge_dir(tmp_path_factory, tiny_checkpoint) -> Path:
     out = tmp_path_factory.mktemp("edge") / "tiny"
     export_edge(ExportConfig(model_dir=tiny_checkpoint, out_dir=out, verify=False))
     return out
+
+
+@pytest.fixture(scope="session")
+def sharp_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
+    """``tiny_checkpoint`` with its weight matrices redrawn at std 0.2 (test_export.sharpen_checkpoint):
+    peaked attention, so score and top-R checks mean something. Read-only for the tests."""
+    from test_export import sharpen_checkpoint
+
+    return sharpen_checkpoint(tiny_checkpoint, tmp_path_factory.mktemp("sharp") / "sharp-internvl")
+
+
+@pytest.fixture(scope="session")
+def lean_dir(sharp_checkpoint, tmp_path_factory) -> Path:
+    """``sharp_checkpoint`` exported with both graphs lean, through the console script, verification on."""
+    from stitchvlm.edge.export import main
+
+    out = tmp_path_factory.mktemp("edge") / "lean"
+    assert main(["--model", str(sharp_checkpoint), "--out", str(out), "--graph", "lean"]) == 0
+    return out

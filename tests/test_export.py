@@ -50,11 +50,6 @@ def sharpen_checkpoint(source: Path, target: Path, std: float = SHARP_STD, seed:
 
 
 @pytest.fixture(scope="module")
-def sharp_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
-    return sharpen_checkpoint(tiny_checkpoint, tmp_path_factory.mktemp("sharp") / "sharp-internvl")
-
-
-@pytest.fixture(scope="module")
 def edge_dir(sharp_checkpoint, tmp_path_factory) -> Path:
     """fp32 export through the console-script entry point (verification is tested on its own)."""
     out = tmp_path_factory.mktemp("edge") / "fp32"

@@ -25,8 +25,7 @@ from test_export import (  # noqa: E402
     SAMPLES,
     _hf_passes,
     _prefill_inputs,
-    _sample,
-    sharpen_checkpoint,  # noqa: E402
+    _sample,  # noqa: E402
 )
 from test_runtime import CASES, MAX_NEW_TOKENS, RETENTIONS, _hf_case, assert_same_run_without_torch  # noqa: E402
 from transformers import InternVLForConditionalGeneration  # noqa: E402
@@ -37,19 +36,6 @@ from stitchvlm.edge.sidecar import SIDECAR_NAME, EdgeSidecar  # noqa: E402
 from stitchvlm.shared.scoring import top_r_indices  # noqa: E402
 
 EXPLICIT_VS_LEAN_ATOL = 2e-5  # two fp32 graphs of the same model: reordered sums only
-
-
-@pytest.fixture(scope="module")
-def sharp_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
-    return sharpen_checkpoint(tiny_checkpoint, tmp_path_factory.mktemp("sharp") / "sharp-internvl")
-
-
-@pytest.fixture(scope="module")
-def lean_dir(sharp_checkpoint, tmp_path_factory) -> Path:
-    """Exported through the console-script entry point with --graph lean, verification on."""
-    out = tmp_path_factory.mktemp("edge") / "lean"
-    assert main(["--model", str(sharp_checkpoint), "--out", str(out), "--graph", "lean"]) == 0
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -26,11 +26,10 @@ onnx = pytest.importorskip("onnx")
 
 import onnxruntime  # noqa: E402
 from conftest import make_test_image  # noqa: E402
-from test_export import sharpen_checkpoint  # noqa: E402
 from test_runtime import MAX_NEW_TOKENS, assert_same_run_without_torch  # noqa: E402
 from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen2Config  # noqa: E402
 
-from stitchvlm.edge.export import TOLERANCES, ExportConfig, export_edge, export_vision, main, verify_export  # noqa: E402
+from stitchvlm.edge.export import TOLERANCES, ExportConfig, export_edge, export_vision, verify_export  # noqa: E402
 from stitchvlm.edge.lean_vision import build_lean_vision, check_lean_vision_supported  # noqa: E402
 from stitchvlm.edge.runtime import CPU, EdgeModel  # noqa: E402
 from stitchvlm.edge.sidecar import SIDECAR_NAME, EdgeSidecar, GraphIO  # noqa: E402
@@ -183,19 +182,6 @@ def test_unsupported_vision_configs_are_refused(vision_overrides, overrides, mat
 
 
 # ------------------------------------------------------------- exports of the sharpened checkpoint
-
-
-@pytest.fixture(scope="module")
-def sharp_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
-    return sharpen_checkpoint(tiny_checkpoint, tmp_path_factory.mktemp("sharp") / "sharp-internvl")
-
-
-@pytest.fixture(scope="module")
-def lean_dir(sharp_checkpoint, tmp_path_factory) -> Path:
-    """Both graphs lean, through the console-script entry point with verification on."""
-    out = tmp_path_factory.mktemp("edge") / "lean"
-    assert main(["--model", str(sharp_checkpoint), "--out", str(out), "--graph", "lean"]) == 0
-    return out
 
 
 @pytest.fixture(scope="module")

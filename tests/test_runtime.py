@@ -26,7 +26,6 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from conftest import make_test_image  # noqa: E402
-from test_export import sharpen_checkpoint  # noqa: E402
 from transformers import InternVLForConditionalGeneration  # noqa: E402
 
 from stitchvlm.edge.export import ExportConfig, export_edge  # noqa: E402
@@ -39,11 +38,6 @@ MAX_NEW_TOKENS = 8
 RETENTIONS = (0.09, 0.35, 0.64)  # the paper's operating points
 # (width, height, seed) of the test image and the question; different tile counts and lengths.
 CASES = [((150, 90, 3), "What colour is the circle?"), ((128, 64, 7), "How many stars are there?")]
-
-
-@pytest.fixture(scope="module")
-def sharp_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
-    return sharpen_checkpoint(tiny_checkpoint, tmp_path_factory.mktemp("sharp") / "sharp-internvl")
 
 
 @pytest.fixture(scope="module")
