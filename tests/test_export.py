@@ -26,9 +26,10 @@ from tokenizers import Tokenizer  # noqa: E402
 from transformers import InternVLForConditionalGeneration  # noqa: E402
 
 from stitchvlm.cloud.checkpoints import default_tiling, save_checkpoint  # noqa: E402
-from stitchvlm.edge.export import TOLERANCES, ExportConfig, export_edge, main, verify_export  # noqa: E402
+from stitchvlm.edge.export import ExportConfig, export_edge, main  # noqa: E402
 from stitchvlm.edge.runtime import CPU, EdgeModel  # noqa: E402
 from stitchvlm.edge.sidecar import SIDECAR_NAME, EdgeSidecar  # noqa: E402
+from stitchvlm.edge.verify import TOLERANCES, verify_export  # noqa: E402
 from stitchvlm.shared.model_files import ModelFiles  # noqa: E402
 from stitchvlm.shared.preprocess import preprocess_image  # noqa: E402
 from stitchvlm.shared.prompt import build_prompt  # noqa: E402
@@ -426,10 +427,10 @@ def test_failed_verification_leaves_the_target_as_it_was(
     """Guards against a failed ``stitch-export`` (exit 1) leaving a normal-looking edge directory,
     sidecar included, that ``stitch-edge ask`` only fails on later (issue 13, defect 6): the target
     must stay absent, or hold the previous export byte for byte, with no staging directory left."""
-    from stitchvlm.edge import export
+    from stitchvlm.edge import verify
 
-    impossible = export.DtypeTolerances(*[export.Tolerance(atol=-1.0, rtol=0.0)] * 4)  # every check fails
-    monkeypatch.setitem(export.TOLERANCES, "fp32", impossible)
+    impossible = verify.DtypeTolerances(*[verify.Tolerance(atol=-1.0, rtol=0.0)] * 4)  # every check fails
+    monkeypatch.setitem(verify.TOLERANCES, "fp32", impossible)
     out = tmp_path / "fresh"
     assert main(["--model", str(sharp_checkpoint), "--out", str(out)]) == 1
     assert "beyond tolerance" in capsys.readouterr().err

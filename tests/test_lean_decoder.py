@@ -30,9 +30,10 @@ from test_export import (  # noqa: E402
 from test_runtime import CASES, MAX_NEW_TOKENS, RETENTIONS, _hf_case, assert_same_run_without_torch  # noqa: E402
 from transformers import InternVLForConditionalGeneration  # noqa: E402
 
-from stitchvlm.edge.export import TOLERANCES, ExportConfig, export_edge, main  # noqa: E402
+from stitchvlm.edge.export import ExportConfig, export_edge, main  # noqa: E402
 from stitchvlm.edge.runtime import CPU, EdgeModel, KVBuffers  # noqa: E402
 from stitchvlm.edge.sidecar import SIDECAR_NAME, EdgeSidecar  # noqa: E402
+from stitchvlm.edge.verify import TOLERANCES  # noqa: E402
 from stitchvlm.shared.scoring import top_r_indices  # noqa: E402
 
 EXPLICIT_VS_LEAN_ATOL = 2e-5  # two fp32 graphs of the same model: reordered sums only

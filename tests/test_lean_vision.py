@@ -29,10 +29,11 @@ from conftest import make_test_image  # noqa: E402
 from test_runtime import MAX_NEW_TOKENS, assert_same_run_without_torch  # noqa: E402
 from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen2Config  # noqa: E402
 
-from stitchvlm.edge.export import TOLERANCES, ExportConfig, export_edge, export_vision, verify_export  # noqa: E402
+from stitchvlm.edge.export import ExportConfig, export_edge, export_vision  # noqa: E402
 from stitchvlm.edge.lean_vision import build_lean_vision, check_lean_vision_supported  # noqa: E402
 from stitchvlm.edge.runtime import CPU, EdgeModel  # noqa: E402
 from stitchvlm.edge.sidecar import SIDECAR_NAME, EdgeSidecar, GraphIO  # noqa: E402
+from stitchvlm.edge.verify import TOLERANCES, verify_export  # noqa: E402
 
 # fp32 bounds on image_embeds, |diff| <= REL * max|reference| (outputs up to ~14, so ~2e-5
 # absolute). Measured on the variants below, 1 and 3 tiles: lean vs get_image_features up to
