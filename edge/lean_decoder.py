@@ -52,6 +52,7 @@ from onnx import TensorProto, helper, numpy_helper
 from transformers import InternVLForConditionalGeneration
 
 from .export_modules import check_supported
+from .quantize import save_graph
 from .sidecar import GraphIO
 
 MS_DOMAIN = "com.microsoft"
@@ -59,8 +60,6 @@ OPSET = 17
 # ONNX Runtime 1.31 reads IR versions up to 13; onnx 1.23 would write 14.
 IR_VERSION = 10
 INT64_MAX = np.iinfo(np.int64).max
-# Initializers past this size go to one "<graph>.data" file (protobuf's 2 GB limit).
-EXTERNAL_DATA_BYTES = 1 << 30
 LEAN_TEXT_ACTIVATIONS = ("silu",)
 
 
@@ -458,20 +457,6 @@ def _assemble(g, io, num_layers, kv_heads, head_dim, config, with_scores, output
     graph = helper.make_graph(g.nodes, "stitch_lean_decoder", inputs, outputs, initializer=g.initializers)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
     return helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION, producer_name="stitchvlm")
-
-
-def save_graph(model: onnx.ModelProto, path: Path) -> None:
-    """One ``.onnx`` file, with its weights in ``<name>.data`` beside it past ``EXTERNAL_DATA_BYTES``."""
-    path = Path(path)
-    size = sum(t.ByteSize() for t in model.graph.initializer)
-    data = path.parent / f"{path.name}.data"
-    data.unlink(missing_ok=True)  # onnx appends to an existing data file
-    if size < EXTERNAL_DATA_BYTES:
-        onnx.save_model(model, str(path))
-    else:
-        onnx.save_model(
-            model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name
-        )
 
 
 def export_lean_decoder(

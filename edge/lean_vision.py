@@ -49,7 +49,8 @@ from onnx import TensorProto, helper
 from torch import nn
 from transformers import InternVLForConditionalGeneration
 
-from .lean_decoder import IR_VERSION, MS_DOMAIN, OPSET, GraphBuilder, _linear_weight, _np, save_graph
+from .lean_decoder import IR_VERSION, MS_DOMAIN, OPSET, GraphBuilder, _linear_weight, _np
+from .quantize import save_graph
 from .sidecar import GraphIO
 
 # ACT2FN names of the exact (erf) GELU, which com.microsoft.Gelu / BiasGelu compute.

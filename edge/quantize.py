@@ -106,11 +106,14 @@ def quantize_graph(
     done = sum(node.op_type == "MatMulNBits" for node in quantized.graph.node)
     if done != len(chosen):
         raise ValueError(f"{source.name}: {done} of {len(chosen)} MatMul weights were quantized")
-    _save(quantized, target)
+    save_graph(quantized, target)
     return done, lm_head
 
 
-def _save(model: onnx.ModelProto, path: Path) -> None:
+def save_graph(model: onnx.ModelProto, path: Path) -> None:
+    """One ``.onnx`` file, with its weights in ``<name>.data`` beside it past ``EXTERNAL_DATA_BYTES``
+    (the lean builders save through this too)."""
+    path = Path(path)
     data = path.parent / f"{path.name}.data"
     data.unlink(missing_ok=True)  # onnx appends to an existing data file
     size = sum(tensor.ByteSize() for tensor in model.graph.initializer)
