@@ -66,15 +66,7 @@ CROWDED_PRESETS: dict[str, TinyPreset] = {
     "small": replace(PRESETS["small"], patch_size=14),
     "large": replace(PRESETS["large"], patch_size=14, text_layers=12),
 }
-CROWDED_TILING = TilingConfig(
-    tile_size=224,
-    min_tiles=1,
-    max_tiles=6,
-    use_thumbnail=True,
-    tokens_per_tile=64,
-    image_mean=IMAGENET_MEAN,
-    image_std=IMAGENET_STD,
-)
+CROWDED_TILING = replace(TILING, tokens_per_tile=64)  # the same tiles at patch 14
 FAMILY_PRESETS = {"basic": PRESETS, "crowded": CROWDED_PRESETS}
 FAMILY_TILING = {"basic": TILING, "crowded": CROWDED_TILING}
 # Greedy generation length of the card's test accuracy: basic answers are one token plus <|im_end|>;
