@@ -114,7 +114,6 @@ from stitchvlm.shared.synthetic import (
     iter_dataset,
 )
 
-MAX_NEW_TOKENS = FAMILY_MAX_NEW_TOKENS  # one word or digit / two digits or two words, plus EOS
 RESULTS = Path(__file__).resolve().parent / "results"
 # Per family: the pair it is scored on by default (the embedded pair; for crowded, where
 # train_pair.py writes it) and where its report goes.
@@ -141,7 +140,7 @@ class QualityConfig:
     prune_layer: int = 2  # K of the pruned large model (>= 1: FastV needs layer K - 1)
     cascade_retention: float = 0.09  # R of the escalated requests in the SEE sweep
     consistency_retention: float = DEFAULT_CONSISTENCY_RETENTION  # r_c of S_cons
-    max_new_tokens: int | None = None  # None: MAX_NEW_TOKENS of the family
+    max_new_tokens: int | None = None  # None: FAMILY_MAX_NEW_TOKENS of the family
     random_seed: int = 0  # seed of the random-token baseline
     out_dir: Path = Path("bench/results")  # tables, plots, records
     cache_dir: Path | None = None  # ONNX export cache; None: the demo's default
@@ -151,7 +150,7 @@ class QualityConfig:
         if self.family not in FAMILIES:
             raise ValueError(f"unknown task family {self.family!r}; expected one of {FAMILIES}")
         if self.max_new_tokens is None:
-            object.__setattr__(self, "max_new_tokens", MAX_NEW_TOKENS[self.family])
+            object.__setattr__(self, "max_new_tokens", FAMILY_MAX_NEW_TOKENS[self.family])
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
         if self.prune_layer < 1:
