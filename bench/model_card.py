@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pair_presets import FAMILY_MAX_NEW_TOKENS  # bench/pair_presets.py
 
+from stitchvlm.shared import synthetic_crowded as crowded
 from stitchvlm.shared.synthetic import family_qtypes
 
 CHANCE = {"colour": "1/7", "shape": "1/7", "count": "1/4", "digit": "1/10", "spatial": "1/7"}
@@ -65,9 +66,11 @@ FAMILY_CURRICULUM = {
         "- curriculum: scenes start with 2 objects and reach the standard 3-6 after the fraction of steps below"
     ],
     "crowded": [
-        "- curriculum over the fraction of steps below: its first 40% (`WARMUP_LEVEL`) shows warm-up scenes",
-        "  of 1-2 objects whose questions need only a unique description; then 4-6 objects, growing to",
-        "  the standard 10-20 at its end",
+        f"- curriculum over the fraction of steps below: its first {crowded.WARMUP_LEVEL:.0%} (`WARMUP_LEVEL`) shows "
+        f"warm-up scenes",
+        f"  of {'-'.join(map(str, crowded.WARMUP_OBJECTS))} objects whose questions need only a unique "
+        f"description; then {'-'.join(map(str, crowded.EASY_OBJECTS))} objects, growing to",
+        f"  the standard {'-'.join(map(str, crowded.OBJECTS_PER_IMAGE))} at its end",
     ],
 }
 FAMILY_TILES = {

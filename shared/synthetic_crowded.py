@@ -67,10 +67,10 @@ OBJECTS_PER_IMAGE = (10, 20)  # inclusive range at curriculum level 1
 # learns to read an object's tokens before it must pick one by a conjunction. From a model trained
 # from scratch without that phase, answer loss stayed at chance for 1500 steps (small) and 500
 # (large), with 4 or 12 questions per image. From WARMUP_LEVEL to 1 the range grows from
-# _EASY_OBJECTS to OBJECTS_PER_IMAGE.
+# EASY_OBJECTS to OBJECTS_PER_IMAGE.
 WARMUP_LEVEL = 0.4
 WARMUP_OBJECTS = (1, 2)
-_EASY_OBJECTS = (4, 6)  # the range just after the warm-up
+EASY_OBJECTS = (4, 6)  # the range just after the warm-up
 _JITTER = 2  # +- px of an object's centre around its cell's centre
 _NUMBER_PROBABILITY = 0.5  # chance that a roomy shape carries a number
 # Salts of the per-split random streams; distinct from the basic family's.
@@ -97,7 +97,7 @@ def object_limits(level: float) -> tuple[int, int]:
     if level < WARMUP_LEVEL:
         return WARMUP_OBJECTS
     t = (level - WARMUP_LEVEL) / (1.0 - WARMUP_LEVEL)
-    (lo0, hi0), (lo1, hi1) = _EASY_OBJECTS, OBJECTS_PER_IMAGE
+    (lo0, hi0), (lo1, hi1) = EASY_OBJECTS, OBJECTS_PER_IMAGE
     return lo0 + round(t * (lo1 - lo0)), hi0 + round(t * (hi1 - hi0))
 
 
