@@ -71,6 +71,13 @@ OBJECTS_PER_IMAGE = (10, 20)  # inclusive range at curriculum level 1
 WARMUP_LEVEL = 0.4
 WARMUP_OBJECTS = (1, 2)
 EASY_OBJECTS = (4, 6)  # the range just after the warm-up
+# In the warm-up the objects of the questions that do not depend on grid cells start WARMUP_SCALE times
+# their size and shrink linearly to it at WARMUP_LEVEL: an object that covers a tenth of the tokens
+# instead of 3% makes the answer's gradient through the visual tokens strong enough to learn from. On
+# the small model, 800 warm-up steps at full size read the colour of 1-2 objects 20% of the time (7
+# colours), at 2.5x 80%.
+WARMUP_SCALE = 2.5
+SCALED_QTYPES = ("colour", "shape", "count", "number")
 _JITTER = 2  # +- px of an object's centre around its cell's centre
 _NUMBER_PROBABILITY = 0.5  # chance that a roomy shape carries a number
 # Salts of the per-split random streams; distinct from the basic family's.
@@ -101,6 +108,14 @@ def object_limits(level: float) -> tuple[int, int]:
     return lo0 + round(t * (lo1 - lo0)), hi0 + round(t * (hi1 - hi0))
 
 
+def object_scale(level: float) -> float:
+    """The side of a warm-up object as a multiple of its ``SIZES`` side: WARMUP_SCALE at level 0,
+    shrinking linearly to 1 at WARMUP_LEVEL, 1 from there on."""
+    if not 0.0 <= level <= 1.0:
+        raise ValueError(f"level must be in [0, 1], got {level}")
+    return 1.0 + (WARMUP_SCALE - 1.0) * max(0.0, 1.0 - level / WARMUP_LEVEL)
+
+
 def make_example(
     seed_or_rng: int | Sequence[int] | np.random.Generator, split: str = "train", level: float = 1.0
 ) -> Example:
@@ -109,7 +124,7 @@ def make_example(
     limits = object_limits(level)
     qtype = QTYPES[int(rng.integers(len(QTYPES)))]
     if level < WARMUP_LEVEL:
-        objects, q = _warmup_scene(rng, qtype)
+        objects, q = _warmup_scene(rng, qtype, object_scale(level) if qtype in SCALED_QTYPES else 1.0)
         return Example(render(objects, rng, CANVAS), q.text, q.answer, qtype, q.region, objects, "crowded")
     while True:  # a planted scene can break a description (a filler twin); draw again from the stream
         planted = _PLANT[qtype](rng, limits)
@@ -326,9 +341,15 @@ def _referent(rng: np.random.Generator, attributes: Sequence[str], **extra) -> t
     return target, [_twin_but(rng, values, name) for name in attributes]
 
 
-def _place(rng: np.random.Generator, specs: Sequence[Spec], fixed: dict[int, int] | None = None):
+def _place(
+    rng: np.random.Generator,
+    specs: Sequence[Spec],
+    fixed: dict[int, int] | None = None,
+    scale: float = 1.0,
+):
     """Objects for ``specs`` in order, each centred (+- ``_JITTER``) in its own cell; ``fixed`` maps a
-    spec's index to a cell index (row * GRID_COLUMNS + column)."""
+    spec's index to a cell index (row * GRID_COLUMNS + column). ``scale`` multiplies every side (the
+    warm-up's big objects); an object that would leave the canvas is moved inside it."""
     fixed = fixed or {}
     free = [c for c in range(GRID_COLUMNS * GRID_ROWS) if c not in fixed.values()]
     drawn = iter(rng.choice(free, size=len(specs) - len(fixed), replace=False).tolist())
@@ -336,9 +357,10 @@ def _place(rng: np.random.Generator, specs: Sequence[Spec], fixed: dict[int, int
     for index, spec in enumerate(specs):
         row, column = divmod(fixed[index] if index in fixed else next(drawn), GRID_COLUMNS)
         side = int(rng.integers(SIZES[spec["size"]][0], SIZES[spec["size"]][1] + 1))
+        side = round(side * scale)
         jx, jy = (int(j) for j in rng.integers(-_JITTER, _JITTER + 1, 2))
-        x0 = column * CELL + (CELL - side) // 2 + jx
-        y0 = row * CELL + (CELL - side) // 2 + jy
+        x0 = min(max(column * CELL + (CELL - side) // 2 + jx, 0), CANVAS[0] - side)
+        y0 = min(max(row * CELL + (CELL - side) // 2 + jy, 0), CANVAS[1] - side)
         box = (x0, y0, x0 + side, y0 + side)
         placed.append(SceneObject(spec["shape"], spec["colour"], box, spec["digit"], spec["size"]))
     return tuple(placed)
@@ -419,13 +441,25 @@ def _plant_relation(rng: np.random.Generator, limits) -> Planted | None:
     return objects, relation_question(objects[0], a_attrs, objects[1], b_attrs, _pick(rng, axes))
 
 
-def _warmup_scene(rng: np.random.Generator, qtype: str) -> Planted:
-    """1-2 random objects and a random question of ``qtype`` the scene answers (drawn until one does)."""
+def _overlap(objects: Sequence[SceneObject]) -> bool:
+    boxes = [o.box for o in objects]
+    return any(
+        a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+        for i, a in enumerate(boxes)
+        for b in boxes[i + 1 :]
+    )
+
+
+def _warmup_scene(rng: np.random.Generator, qtype: str, scale: float = 1.0) -> Planted:
+    """1-2 random objects, sides times ``scale`` and not overlapping, and a random question of
+    ``qtype`` the scene answers (drawn until one does)."""
     while True:
         n = int(rng.integers(WARMUP_OBJECTS[0], WARMUP_OBJECTS[1] + 1))
         if qtype in ("spatial", "relation"):
             n = 2  # a neighbour, a second object
-        objects = _place(rng, [_spec(rng) for _ in range(n)])
+        objects = _place(rng, [_spec(rng) for _ in range(n)], scale=scale)
+        if _overlap(objects):
+            continue
         questions = scene_questions(objects, qtype)
         if questions:
             return objects, questions[int(rng.integers(len(questions)))]

@@ -208,6 +208,26 @@ def test_curriculum_levels_only_thin_training_scenes():
     assert min(len(e.objects) for e in easy) >= 4
 
 
+def test_warmup_objects_start_big_and_shrink_to_standard_size():
+    """Guards against the warm-up's size ramp leaking past WARMUP_LEVEL, scaling the questions that
+    depend on grid cells, or drawing objects off the canvas or on top of each other."""
+    assert crowded.object_scale(0.0) == crowded.WARMUP_SCALE
+    assert crowded.object_scale(crowded.WARMUP_LEVEL) == crowded.object_scale(1.0) == 1.0
+    lo, hi = min(r[0] for r in crowded.SIZES.values()), max(r[1] for r in crowded.SIZES.values())
+    for level in (0.0, crowded.WARMUP_LEVEL / 2, crowded.WARMUP_LEVEL):
+        scale = crowded.object_scale(level)
+        for i in range(40):
+            example = make_example((1, i), "train", level, "crowded")
+            sides = [o.box[2] - o.box[0] for o in example.objects]
+            expected = scale if example.qtype in crowded.SCALED_QTYPES and level < crowded.WARMUP_LEVEL else 1.0
+            assert all(round(lo * expected) <= side <= round(hi * expected) for side in sides), (level, sides)
+            for o in example.objects:
+                assert min(o.box[:2]) >= 0
+                assert o.box[2] <= crowded.CANVAS[0] and o.box[3] <= crowded.CANVAS[1]
+            assert not crowded._overlap(example.objects)
+            assert example.image.size == crowded.CANVAS
+
+
 def test_answers_take_several_tokens_and_images_many_visual_tokens():
     """Guards against a family whose answers are one token (the generated tokens' attention A^D would
     not matter) or whose images give fewer than ~160 visual tokens at 64 per tile."""
