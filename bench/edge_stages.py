@@ -10,10 +10,11 @@ export's sessions exist at a time:
    grid + thumbnail = 7 tiles, 1792 visual tokens), ``--max-tiles`` lowering
    the preset's tile cap as an operator would;
 2. its exports (``--exports``), each by ``stitch-export`` in a child process:
-   ``explicit`` (the traced graphs, the runtime's default), ``lean`` (``--graph
-   lean``: fused ORT ops for the vision tower and the decoder, fp32) and
-   ``lean-int8`` / ``lean-int4`` (``--quant``: weight-only MatMulNBits,
-   vision and decoder) and ``lean-int4-decoder`` (``--no-quant-vision``);
+   ``explicit`` (``--graph explicit``: the traced graphs, the reference), ``lean`` (the default
+   export: fused ORT ops for the vision tower and the decoder, fp32) and
+   ``lean-int8`` / ``lean-int4`` (``--quant``: the decoder's weights as
+   MatMulNBits, the tower's dynamic int8), ``lean-int4-nbits-vision`` (the
+   tower as MatMulNBits too) and ``lean-int4-decoder`` (tower float);
 3. per export, in a fresh child process, ``EdgeModel.load`` and then, cold
    (the sessions' first runs, as on a device's first question), the vision
    graph on the image and one prefill pass with a KV cache sized as
@@ -59,13 +60,14 @@ from dataclasses import replace
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-# Export name -> (stitch-export --graph, --quant, quantize the vision graph too).
+# Export name -> (stitch-export --graph, --quant, --vision-quant).
 EXPORTS = {
-    "explicit": ("explicit", "none", False),
-    "lean": ("lean", "none", False),
-    "lean-int8": ("lean", "int8", True),
-    "lean-int4": ("lean", "int4", True),
-    "lean-int4-decoder": ("lean", "int4", False),  # --no-quant-vision
+    "explicit": ("explicit", "none", "none"),
+    "lean": ("lean", "none", "none"),
+    "lean-int8": ("lean", "int8", "dynamic-int8"),
+    "lean-int4": ("lean", "int4", "dynamic-int8"),
+    "lean-int4-nbits-vision": ("lean", "int4", "nbits"),
+    "lean-int4-decoder": ("lean", "int4", "none"),
 }
 CONSISTENCY_RETENTION = 0.05  # r_c, DESIGN "SEE gate"
 SAMPLE_SECONDS = 0.002  # RSS sampling interval of the per-stage peaks
@@ -156,7 +158,7 @@ def export_step(checkpoint: Path, out: Path, name: str) -> None:
 
     graph, quant, vision = EXPORTS[name]
     config = ExportConfig(model_dir=checkpoint, out_dir=out, verify=False, graph=graph, quant=quant)
-    export_edge(replace(config, quant_vision=vision) if quant != "none" else config)
+    export_edge(replace(config, vision_quant=vision) if quant != "none" else config)
 
 
 class HighWaterMark:
@@ -308,7 +310,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         out = work / f"edge-{name}"
         if not (out / "stitch_edge.json").exists():
             graph, quant, vision = EXPORTS[name]
-            flags = "" if vision or quant == "none" else " --no-quant-vision"
+            flags = "" if quant == "none" else f" --vision-quant {vision}"
             log(f"stitch-export --graph {graph} --quant {quant}{flags} -> {out}")
             child("--step", "export", str(checkpoint), str(out), name)
         log(f"one question on {out.name} ({args.threads} threads)")

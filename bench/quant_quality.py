@@ -94,7 +94,7 @@ def markdown(results: dict, args: argparse.Namespace) -> str:
     keys = list(next(iter(results.values())))
     lines = [
         f"Embedded small model, {args.n} synthetic test examples, graph {args.graph}, "
-        f"block {args.block_size}, tau {args.tau}, "
+        f"block {args.block_size}, vision {args.vision_quant or 'the export default'}, tau {args.tau}, "
         f"{args.threads} thread(s); timings are medians.",
         "",
         "| scheme | " + " | ".join(keys) + " |",
@@ -118,6 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="stitch-export --quant-block-size"
     )
+    parser.add_argument(
+        "--vision-quant",
+        choices=("dynamic-int8", "nbits", "none"),
+        default=None,
+        help="stitch-export --vision-quant (default: the export's, dynamic-int8 for fp32)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="ORT intra-op threads")
     parser.add_argument("--out", type=Path, default=None, help="write a markdown table here")
     args = parser.parse_args(argv)
@@ -131,7 +137,12 @@ def main(argv: list[str] | None = None) -> int:
         for scheme in SCHEMES:
             out = Path(tmp) / scheme
             config = ExportConfig(
-                model_dir=model, out_dir=out, graph=args.graph, quant=scheme, quant_block_size=args.block_size
+                model_dir=model,
+                out_dir=out,
+                graph=args.graph,
+                quant=scheme,
+                quant_block_size=args.block_size,
+                vision_quant=args.vision_quant,
             )
             export_edge(config)
             edge = EdgeModel.load(out, providers=[CPU], session_options=options)

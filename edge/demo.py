@@ -57,7 +57,7 @@ from stitchvlm.shared.synthetic import Example, dataset, exact_match
 from .gate import DEFAULT_TAU
 from .runtime import CPU, CUDA, EdgeModel
 from .sdk import ROUTE_EDGE, Cascade, CascadeConfig
-from .sidecar import EdgeSidecar
+from .sidecar import DEFAULT_GRAPH, EdgeSidecar
 
 MODELS_DIR = Path(stitchvlm.shared.__file__).resolve().parent / "models"  # the embedded checkpoints
 EMBEDDED_SMALL = "synthetic-small"
@@ -170,7 +170,8 @@ def ensure_export(model_dir: Path, cache_dir: Path, dtype: str = "fp32", verify:
     """
     model_dir = Path(model_dir).resolve()
     digest = checkpoint_digest(model_dir)
-    target = Path(cache_dir) / "edge" / f"{model_dir.name}-{digest[:16]}-{dtype}"
+    # the graph kind in the name: an export cached under an older default is not reused as this one
+    target = Path(cache_dir) / "edge" / f"{model_dir.name}-{digest[:16]}-{dtype}-{DEFAULT_GRAPH}"
     if export_is_current(target, digest):
         progress(f"reusing the ONNX export {target}")
         return target

@@ -89,11 +89,13 @@ from .lean_vision import check_lean_vision_supported, export_lean_vision
 from .quantize import DEFAULT_BLOCK_SIZE, compare_quantized, open_with_graphs, quantize_export
 from .runtime import CPU, EdgeModel
 from .sidecar import (
+    DEFAULT_GRAPH,
     DTYPES,
     GRAPHS,
     QUANT_BITS,
     SIDECAR_NAME,
     VISION_GRAPHS,
+    VISION_QUANT_METHODS,
     DecoderDims,
     EdgeSidecar,
     GraphIO,
@@ -122,9 +124,10 @@ class ExportConfig:
     # torch device the model is traced on. The tracer runs the model once; CPUs without fp16
     # matmul run an fp16 ViT-300M trace at ~0.5 GFLOP/s (tens of minutes), a GPU in seconds.
     device: str = "cpu"
-    # Decoder graph (sidecar.GRAPHS): "explicit" traces ScoringDecoder (the reference);
-    # "lean" builds lean_decoder's graph of fused ORT ops with shared KV buffers.
-    graph: str = "explicit"
+    # Decoder graph (sidecar.GRAPHS): "lean" (the default) builds lean_decoder's graph of fused ORT
+    # ops with shared KV buffers; "explicit" traces ScoringDecoder (the reference, and the fallback
+    # for a model the lean graphs refuse).
+    graph: str = DEFAULT_GRAPH
     # Vision graph (sidecar.VISION_GRAPHS): "explicit" traces VisionEncoder (the reference), "lean"
     # builds lean_vision's graph of fused ORT ops. None: the same kind as ``graph``.
     vision_graph: str | None = None
@@ -135,10 +138,12 @@ class ExportConfig:
     # MatMulNBits accuracy_level: 0 (unset: compute in the activation dtype) .. 4 (int8 activations);
     # None: quantize.DEFAULT_ACCURACY_LEVEL of the scheme (4 for both: the fast CPU kernels).
     quant_accuracy_level: int | None = None
-    # Quantize the vision graph too (the decoder always). At the InternVL3-1B shape on a CPU,
-    # MatMulNBits over 7 x 1025 rows per MatMul was no faster than fp32 GEMM (int4 14% slower),
-    # while the decoder's one-row decode steps gain 2-2.7x: False keeps the tower float.
-    quant_vision: bool = True
+    # With ``quant``, how the vision graph is quantized (the decoder always by MatMulNBits):
+    # sidecar.VISION_QUANT_METHODS or "none" (float). None: "dynamic-int8" for fp32 exports, "nbits"
+    # for fp16 ones (dynamic quantization takes float32). At the InternVL3-1B shape on a CPU,
+    # MatMulNBits over 1025 rows a tile was no faster than fp32 GEMM (int4 14% slower); dynamic
+    # int8 was 2.18x faster (quantize.py).
+    vision_quant: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -156,6 +161,14 @@ class ExportConfig:
             object.__setattr__(self, "vision_graph", self.graph)  # frozen: derived once, here
         if self.vision_graph not in VISION_GRAPHS:
             raise ValueError(f"vision_graph must be one of {VISION_GRAPHS}, got {self.vision_graph!r}")
+        if self.vision_quant is None:
+            object.__setattr__(self, "vision_quant", "dynamic-int8" if self.dtype == "fp32" else "nbits")
+        if self.vision_quant not in (*VISION_QUANT_METHODS, "none"):
+            raise ValueError(
+                f"vision_quant must be 'none' or one of {VISION_QUANT_METHODS}, got {self.vision_quant!r}"
+            )
+        if self.vision_quant == "dynamic-int8" and self.dtype != "fp32":
+            raise ValueError("dynamic-int8 vision quantization takes a float32 export; use nbits for fp16")
         if self.opset < DEFAULT_OPSET:
             raise ValueError(f"opset must be >= {DEFAULT_OPSET} (LayerNormalization), got {self.opset}")
 
@@ -379,10 +392,15 @@ def _export_unpublished(config: ExportConfig, out: Path) -> EdgeSidecar:
     copy_checkpoint_files(Path(config.model_dir), out)
     files = ModelFiles.load(out)
     model_id = config.model_id or Path(config.model_dir).resolve().name
-    if config.graph == "lean":
-        check_lean_supported(model)
-    if config.vision_graph == "lean":
-        check_lean_vision_supported(model)
+    for kind, option, check in (
+        (config.graph, "--graph", check_lean_supported),
+        (config.vision_graph, "--vision-graph", check_lean_vision_supported),
+    ):
+        if kind == "lean":
+            try:
+                check(model)
+            except ValueError as error:
+                raise ValueError(f"{error}; {option} explicit exports the traced graph") from error
     sidecar = build_sidecar(
         model,
         files,
@@ -438,7 +456,7 @@ def _quantize_verified(config: ExportConfig, out: Path, sidecar: EdgeSidecar) ->
             for path in (out / name, out / f"{name}.data"):
                 if not path.exists():
                     continue
-                if name == sidecar.graphs.vision and not config.quant_vision:
+                if name == sidecar.graphs.vision and config.vision_quant == "none":
                     _link_or_copy(path, float_dir / path.name)  # stays float in out; compared from here
                 else:
                     os.replace(path, float_dir / path.name)
@@ -449,11 +467,11 @@ def _quantize_verified(config: ExportConfig, out: Path, sidecar: EdgeSidecar) ->
             config.quant,
             config.quant_block_size,
             config.quant_accuracy_level,
-            vision=config.quant_vision,
+            vision=None if config.vision_quant == "none" else config.vision_quant,
         )
         progress(
-            f"quantized MatMul weights to {quant.scheme} (block {quant.block_size}, "
-            f"accuracy_level {quant.accuracy_level})"
+            f"quantized the decoder's MatMul weights to {quant.scheme} (block {quant.block_size}, "
+            f"accuracy_level {quant.accuracy_level}); vision: {quant.vision_method or 'float'}"
         )
         progress("  " + ", ".join(f"{name}: {count} MatMul weights" for name, count in quant.graphs.items()))
         sidecar = replace(sidecar, quant=quant)
@@ -492,8 +510,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--graph",
         choices=GRAPHS,
-        default="explicit",
-        help="decoder graph: explicit (traced, the reference) or lean (fused ORT ops, shared KV buffers)",
+        default=DEFAULT_GRAPH,
+        help="decoder graph: lean (fused ORT ops, shared KV buffers; the default) or explicit "
+        "(traced, the reference)",
     )
     parser.add_argument(
         "--vision-graph",
@@ -513,9 +532,16 @@ def main(argv: list[str] | None = None) -> int:
         help="weight-only quantization of the graphs' MatMul weights (MatMulNBits), after verification",
     )
     parser.add_argument(
+        "--vision-quant",
+        choices=(*VISION_QUANT_METHODS, "none"),
+        default=None,
+        help="with --quant, the vision graph: dynamic-int8 (int8 weights, uint8 activations per pass; "
+        "the default for fp32, 2.2x faster on a VNNI CPU), nbits (as the decoder; the fp16 default) or none",
+    )
+    parser.add_argument(
         "--no-quant-vision",
         action="store_true",
-        help="with --quant: keep the vision graph float (on CPUs its large-M MatMuls gain nothing)",
+        help="with --quant: keep the vision graph float (= --vision-quant none)",
     )
     parser.add_argument("--quant-block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="weights per scale")
     parser.add_argument(
@@ -526,6 +552,8 @@ def main(argv: list[str] | None = None) -> int:
         "(default 4: ORT's fast CPU kernels; 8-bit at 0 is slower than float)",
     )
     args = parser.parse_args(argv)
+    if args.no_quant_vision and args.vision_quant not in (None, "none"):
+        parser.error(f"--no-quant-vision and --vision-quant {args.vision_quant} contradict each other")
     try:
         config = ExportConfig(
             model_dir=args.model,
@@ -541,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
             quant=args.quant,
             quant_block_size=args.quant_block_size,
             quant_accuracy_level=args.quant_accuracy_level,
-            quant_vision=not args.no_quant_vision,
+            vision_quant="none" if args.no_quant_vision else args.vision_quant,
         )
         export_edge(config)
     except (ValueError, FileNotFoundError) as error:

@@ -39,7 +39,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from .sidecar import SIDECAR_NAME
+from .sidecar import DEFAULT_GRAPH, SIDECAR_NAME
 
 CHUNK_BYTES = 64 * 1024  # one read from a socket
 # Printed by stitch-cloud once its port is bound (before the weights load).
@@ -257,7 +257,7 @@ def cached_export(checkpoint: Path, cache_dir: Path, verify: bool = False) -> Pa
     for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
         info = path.stat()
         digest.update(f"{path.relative_to(checkpoint)}|{info.st_size}|{info.st_mtime_ns}\n".encode())
-    target = cache_dir / f"{checkpoint.resolve().name}-{digest.hexdigest()[:16]}"
+    target = cache_dir / f"{checkpoint.resolve().name}-{digest.hexdigest()[:16]}-{DEFAULT_GRAPH}"
     if (target / SIDECAR_NAME).is_file():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,8 +191,14 @@ class EdgeModel:
         # CUDA EP would run its attention on the CPU, where the shared buffers cannot be shared.
         cuda_capable = not (sidecar.graph == "lean" and sidecar.dtype == "fp32")
         if providers is None:
-            use_cuda = cuda_capable and CUDA in ort.get_available_providers()
-            providers = [CUDA, CPU] if use_cuda else [CPU]
+            cuda_available = CUDA in ort.get_available_providers()
+            if cuda_available and not cuda_capable and _nvidia_device_present():
+                warnings.warn(
+                    f"{root} holds a float32 lean decoder, which the CUDA EP cannot run: running on the "
+                    "CPU; export with --dtype fp16 to use the GPU",
+                    stacklevel=2,
+                )
+            providers = [CUDA, CPU] if cuda_available and cuda_capable else [CPU]
         elif CUDA in providers and not cuda_capable:
             raise ValueError(
                 f"{root} holds a float32 lean decoder, which the CUDA EP cannot run (its "
@@ -490,6 +497,12 @@ def open_decoder(
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     finally:
         options.execution_order = previous
+
+
+def _nvidia_device_present() -> bool:
+    """Whether this (Linux) machine has an NVIDIA GPU node: onnxruntime-gpu lists the CUDA EP on
+    machines without one too, where a float32 lean export running on the CPU is no surprise."""
+    return any(Path("/dev").glob("nvidia[0-9]*"))
 
 
 def _greedy(logits: np.ndarray) -> tuple[int, float]:

@@ -25,19 +25,27 @@ SIDECAR_NAME = "stitch_edge.json"
 # 3: graph ("explicit" or "lean"); a version-2 sidecar reads as graph "explicit".
 # 4: quant (weight-only quantization, or null); older sidecars read as quant null.
 # 5: vision_graph ("explicit" or "lean"); older sidecars read as vision_graph "explicit".
-FORMAT_VERSION = 5
-READABLE_VERSIONS = (2, 3, 4, 5)
+# 6: quant.vision_method (how the vision graph was quantized, or null); in older sidecars a
+#    quantized vision graph was MatMulNBits ("nbits").
+FORMAT_VERSION = 6
+READABLE_VERSIONS = (2, 3, 4, 5, 6)
 # Export dtypes and the numpy dtype of the tensors the graphs exchange in that dtype.
 DTYPES = {"fp32": "float32", "fp16": "float16"}
 # Decoder graphs: "explicit" (traced ``ScoringDecoder``: written-out attention, KV grown by
 # Concat, past/present [batch, kv_heads, past(+seq), head_dim]) and "lean" (``lean_decoder``:
 # fused ops, KV in buffers of a fixed capacity shared between past and present).
 GRAPHS = ("explicit", "lean")
+DEFAULT_GRAPH = "lean"  # what stitch-export builds unless --graph says otherwise (decoder and vision)
 # Vision graphs: "explicit" (traced ``VisionEncoder``) and "lean" (``lean_vision``: built op by op
 # with fused ops). Same I/O; the runtime opens both alike, the field says what the file holds.
 VISION_GRAPHS = ("explicit", "lean")
+DEFAULT_GRAPH = "lean"  # what stitch-export builds unless --graph says otherwise (decoder and vision)
 # Weight-only quantization (``stitch-export --quant``): name -> bits of the MatMul weights.
 QUANT_BITS = {"int4": 4, "int8": 8}
+# How ``--quant`` quantizes the vision graph (``--vision-quant``): "dynamic-int8" (int8 weights per
+# output channel, activations quantized to uint8 on each pass, MatMulInteger: float32 graphs, CPU
+# EP) or "nbits" (MatMulNBits of the decoder's scheme, as the decoder).
+VISION_QUANT_METHODS = ("dynamic-int8", "nbits")
 
 
 @dataclass(frozen=True)
@@ -115,13 +123,16 @@ class GraphIO:
 
 @dataclass(frozen=True)
 class WeightQuant:
-    """What ``stitch-export --quant`` quantized: MatMul weights as ``com.microsoft.MatMulNBits``.
+    """What ``stitch-export --quant`` quantized: the decoder's MatMul weights as
+    ``com.microsoft.MatMulNBits``, the vision graph's as ``vision_method`` says.
 
-    Only constant 2-D MatMul weights are quantized (block-wise along K, one
-    scale per block); activations, KV cache, norms, biases, the vision
-    tower's patch convolution and the embedding matrix stay in the export
-    dtype. The runtime needs nothing of this: ORT runs MatMulNBits like any
-    other op. It is here so that a directory says what it holds.
+    Only constant 2-D MatMul weights are quantized (for MatMulNBits block-wise
+    along K, one scale per block; for "dynamic-int8" one scale per output
+    channel, with the activations quantized to uint8 on every pass);
+    activations, KV cache, norms, biases, the vision tower's patch convolution
+    and the embedding matrix stay in the export dtype. The runtime needs
+    nothing of this: ORT runs the quantized ops like any other. It is here so
+    that a directory says what it holds.
     """
 
     scheme: str  # a key of QUANT_BITS
@@ -133,10 +144,16 @@ class WeightQuant:
     accuracy_level: int
     graphs: dict[str, int]  # graph file -> MatMul weights quantized in it
     lm_head: bool  # whether the decoder's LM head is among them
+    # VISION_QUANT_METHODS: how the vision graph was quantized; None when it stayed float.
+    vision_method: str | None = None
 
     def __post_init__(self) -> None:
         if QUANT_BITS.get(self.scheme) != self.bits:
             raise ValueError(f"quant scheme {self.scheme!r} with {self.bits} bits (known: {QUANT_BITS})")
+        if self.vision_method is not None and self.vision_method not in VISION_QUANT_METHODS:
+            raise ValueError(
+                f"vision_method must be one of {VISION_QUANT_METHODS} or null, got {self.vision_method!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -218,7 +235,7 @@ class EdgeSidecar:
             with_scores=data["with_scores"],
             graph=data["graph"] if version >= 3 else "explicit",
             vision_graph=data["vision_graph"] if version >= 5 else "explicit",
-            quant=_build(WeightQuant, data["quant"]) if version >= 4 and data["quant"] is not None else None,
+            quant=_read_quant(data, version),
             format_version=FORMAT_VERSION,
         )
 
@@ -236,6 +253,15 @@ class EdgeSidecar:
             return cls.from_json(path.read_text(encoding="utf-8"))
         except (KeyError, TypeError, json.JSONDecodeError) as error:
             raise ValueError(f"{path} is malformed: {error!r}") from error
+
+
+def _read_quant(data: dict[str, Any], version: int) -> WeightQuant | None:
+    if version < 4 or data["quant"] is None:
+        return None
+    quant = dict(data["quant"])
+    if version < 6:  # before vision_method, a quantized vision graph was MatMulNBits
+        quant["vision_method"] = "nbits" if data["graphs"]["vision"] in quant["graphs"] else None
+    return _build(WeightQuant, quant)
 
 
 def _build(kind: type, data: dict[str, Any]) -> Any:

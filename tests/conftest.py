@@ -116,9 +116,13 @@ def sharp_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def lean_dir(sharp_checkpoint, tmp_path_factory) -> Path:
-    """``sharp_checkpoint`` exported with both graphs lean, through the console script, verification on."""
+    """``sharp_checkpoint`` exported by the console script with its defaults (both graphs lean),
+    verification on."""
     from stitchvlm.edge.export import main
+    from stitchvlm.edge.sidecar import EdgeSidecar
 
     out = tmp_path_factory.mktemp("edge") / "lean"
-    assert main(["--model", str(sharp_checkpoint), "--out", str(out), "--graph", "lean"]) == 0
+    assert main(["--model", str(sharp_checkpoint), "--out", str(out)]) == 0
+    sidecar = EdgeSidecar.load(out)
+    assert (sidecar.graph, sidecar.vision_graph) == ("lean", "lean")  # the default export is lean
     return out

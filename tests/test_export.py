@@ -52,9 +52,10 @@ def sharpen_checkpoint(source: Path, target: Path, std: float = SHARP_STD, seed:
 
 @pytest.fixture(scope="module")
 def edge_dir(sharp_checkpoint, tmp_path_factory) -> Path:
-    """fp32 export through the console-script entry point (verification is tested on its own)."""
+    """The explicit (traced, reference) fp32 export through the console-script entry point
+    (verification is tested on its own; test_lean_decoder and test_lean_vision test the lean graphs)."""
     out = tmp_path_factory.mktemp("edge") / "fp32"
-    assert main(["--model", str(sharp_checkpoint), "--out", str(out), "--no-verify"]) == 0
+    assert main(["--model", str(sharp_checkpoint), "--out", str(out), "--graph", "explicit", "--no-verify"]) == 0
     return out
 
 
@@ -176,7 +177,7 @@ def test_no_scores_export_is_the_same_decoder_without_the_score(
     import onnxruntime
 
     out = tmp_path / "no-scores"
-    assert main(["--model", str(sharp_checkpoint), "--out", str(out), "--no-scores"]) == 0
+    assert main(["--model", str(sharp_checkpoint), "--out", str(out), "--graph", "explicit", "--no-scores"]) == 0
     sidecar = EdgeSidecar.load(out)
     assert not sidecar.with_scores
     graph = onnx.load(str(out / sidecar.graphs.decoder))
@@ -332,7 +333,7 @@ def test_fp16_export_within_documented_tolerance(sharp_checkpoint, reference, tm
     """Guards against fp16 graphs that lose the float32 islands (RoPE, RMSNorm, softmax, score sum)
     or change the I/O dtypes the runtime relies on."""
     out = tmp_path / "fp16"
-    sidecar = export_edge(ExportConfig(model_dir=sharp_checkpoint, out_dir=out, dtype="fp16", verify=False))
+    sidecar = export_edge(ExportConfig(model_dir=sharp_checkpoint, out_dir=out, dtype="fp16", graph="explicit", verify=False))
     assert sidecar.dtype == "fp16"
     edge16 = EdgeModel.load(out, providers=[CPU])
     types = {i.name: i.type for i in [*edge16.decoder.get_inputs(), *edge16.decoder.get_outputs()]}

@@ -10,6 +10,7 @@ tiny checkpoint (peaked attention, so masking, RoPE or score bugs show). fp32.
 from __future__ import annotations
 
 import json
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from test_export import (  # noqa: E402
 from test_runtime import CASES, MAX_NEW_TOKENS, RETENTIONS, _hf_case, assert_same_run_without_torch  # noqa: E402
 from transformers import InternVLForConditionalGeneration  # noqa: E402
 
+from stitchvlm.edge import runtime  # noqa: E402
 from stitchvlm.edge.export import ExportConfig, export_edge, main  # noqa: E402
 from stitchvlm.edge.runtime import CPU, EdgeModel, KVBuffers  # noqa: E402
 from stitchvlm.edge.sidecar import SIDECAR_NAME, EdgeSidecar  # noqa: E402
@@ -92,7 +94,7 @@ def test_sidecar_graph_field_and_older_versions(lean_dir):
     reverse): the field must round-trip, an unknown graph must be refused, and a version-2
     sidecar (written before the field existed) must read as the explicit graph it describes."""
     data = json.loads((lean_dir / SIDECAR_NAME).read_text())
-    assert data["graph"] == "lean" and data["format_version"] == 5
+    assert data["graph"] == "lean" and data["format_version"] == 6
     with pytest.raises(ValueError, match="graph must be one of"):
         EdgeSidecar.from_json(json.dumps({**data, "graph": "fused"}))
     older = {key: value for key, value in data.items() if key != "graph"} | {"format_version": 2}
@@ -348,6 +350,21 @@ def test_float32_lean_graph_stays_off_cuda(lean_dir):
     with pytest.raises(ValueError, match="--dtype fp16"):
         EdgeModel.load(lean_dir, providers=["CUDAExecutionProvider", CPU])
     assert EdgeModel.load(lean_dir).device == "cpu"  # the default picks the CPU for it
+
+
+def test_float32_lean_graph_on_a_cuda_machine_says_it_runs_on_the_cpu(lean_dir, monkeypatch):
+    """Guards against the default (lean fp32) export quietly running on the CPU of a GPU machine:
+    the runtime must say so and name the fix."""
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", CPU])
+    monkeypatch.setattr(runtime, "_nvidia_device_present", lambda: True)
+    with pytest.warns(UserWarning, match="--dtype fp16"):
+        assert EdgeModel.load(lean_dir).device == "cpu"
+    monkeypatch.setattr(runtime, "_nvidia_device_present", lambda: False)  # onnxruntime-gpu, no GPU
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert EdgeModel.load(lean_dir).device == "cpu"
 
 
 @pytest.mark.gpu

@@ -189,14 +189,16 @@ def test_unsupported_vision_configs_are_refused(vision_overrides, overrides, mat
 def lean_vision_dir(sharp_checkpoint, tmp_path_factory) -> Path:
     """The lean vision graph beside the traced (explicit) decoder: only the tower differs."""
     out = tmp_path_factory.mktemp("edge") / "lean-vision"
-    export_edge(ExportConfig(model_dir=sharp_checkpoint, out_dir=out, vision_graph="lean", verify=False))
+    export_edge(
+        ExportConfig(model_dir=sharp_checkpoint, out_dir=out, graph="explicit", vision_graph="lean", verify=False)
+    )
     return out
 
 
 @pytest.fixture(scope="module")
 def explicit_dir(sharp_checkpoint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("edge") / "explicit"
-    export_edge(ExportConfig(model_dir=sharp_checkpoint, out_dir=out, verify=False))
+    export_edge(ExportConfig(model_dir=sharp_checkpoint, out_dir=out, graph="explicit", verify=False))
     return out
 
 
@@ -240,7 +242,7 @@ def test_sidecar_vision_graph_field_and_older_versions(lean_dir, sharp_checkpoin
     round-trip, an unknown kind must be refused, sidecars written before it (version 4) must read
     as the traced tower they describe, and --vision-graph must override --graph's default."""
     data = json.loads((lean_dir / SIDECAR_NAME).read_text())
-    assert data["vision_graph"] == "lean" and data["format_version"] == 5
+    assert data["vision_graph"] == "lean" and data["format_version"] == 6
     with pytest.raises(ValueError, match="vision_graph must be one of"):
         EdgeSidecar.from_json(json.dumps({**data, "vision_graph": "fused"}))
     older = {key: value for key, value in data.items() if key != "vision_graph"} | {"format_version": 4}

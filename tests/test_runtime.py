@@ -42,8 +42,8 @@ CASES = [((150, 90, 3), "What colour is the circle?"), ((128, 64, 7), "How many 
 
 @pytest.fixture(scope="module")
 def edge_dir(sharp_checkpoint, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("edge") / "fp32"
-    export_edge(ExportConfig(model_dir=sharp_checkpoint, out_dir=out, verify=False))
+    out = tmp_path_factory.mktemp("edge") / "fp32"  # the explicit graph: the reference the lean one meets
+    export_edge(ExportConfig(model_dir=sharp_checkpoint, out_dir=out, graph="explicit", verify=False))
     return out
 
 
