@@ -69,7 +69,8 @@ FAMILY_CURRICULUM = {
         f"- curriculum over the fraction of steps below: its first {crowded.WARMUP_LEVEL:.0%} (`WARMUP_LEVEL`) shows "
         f"warm-up scenes",
         f"  of {'-'.join(map(str, crowded.WARMUP_OBJECTS))} objects whose questions need only a unique "
-        f"description; then {'-'.join(map(str, crowded.EASY_OBJECTS))} objects, growing to",
+        f"description (those not about grid cells drawn {crowded.WARMUP_SCALE:g}x larger at first,",
+        f"  shrinking to size, `WARMUP_SCALE`); then {'-'.join(map(str, crowded.EASY_OBJECTS))} objects, growing to",
         f"  the standard {'-'.join(map(str, crowded.OBJECTS_PER_IMAGE))} at its end",
     ],
 }

@@ -94,7 +94,7 @@ def markdown(results: dict, args: argparse.Namespace) -> str:
     keys = list(next(iter(results.values())))
     lines = [
         f"Embedded small model, {args.n} synthetic test examples, graph {args.graph}, "
-        f"block {args.block_size}, vision {args.vision_quant or 'the export default'}, tau {args.tau}, "
+        f"block {args.block_size}, vision {args.vision_quant or 'dynamic-int8 (the fp32 default)'}, tau {args.tau}, "
         f"{args.threads} thread(s); timings are medians.",
         "",
         "| scheme | " + " | ".join(keys) + " |",

@@ -128,7 +128,6 @@ def quantize_graph_dynamic(source: Path, target: Path) -> int:
     ``target``; returns the weights quantized."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     model = onnx.load(str(source))
     weights = {t.name: t for t in model.graph.initializer}
     float_weights = [
@@ -140,21 +139,27 @@ def quantize_graph_dynamic(source: Path, target: Path) -> int:
         raise ValueError(f"{source.name} is float16: dynamic int8 quantizes float32 graphs (use nbits)")
     size = sum(t.ByteSize() for t in model.graph.initializer)
     Path(f"{target}.data").unlink(missing_ok=True)
-    quantize_dynamic(
-        model,
-        target,
-        weight_type=QuantType.QInt8,
-        op_types_to_quantize=["MatMul"],
-        per_channel=True,
-        # 7-bit weights: x86 CPUs without VNNI multiply uint8 x int8 pairs into int16 with
-        # saturation (vpmaddubsw), which 8-bit weights can reach; this CPU (VNNI) measured 2.07x
-        # faster than float32 either way, token cosine >= 0.9994 instead of 0.9997
-        reduce_range=True,
-        use_external_data_format=size >= EXTERNAL_DATA_BYTES,
-        # the built graphs' fused ops (SkipLayerNormalization, MultiHeadAttention) have no ONNX
-        # shape inference: their outputs are float32, as every activation of a float32 export
-        extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
-    )
+    root = logging.getLogger()  # the quantizer logs a line per tensor to the root logger at INFO,
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))  # and a warning to "pre-process" the model
+    try:
+        quantize_dynamic(
+            model,
+            target,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul"],
+            per_channel=True,
+            # 7-bit weights: x86 CPUs without VNNI multiply uint8 x int8 pairs into int16 with
+            # saturation (vpmaddubsw), which 8-bit weights can reach; this CPU (VNNI) measured 2.07x
+            # faster than float32 either way, token cosine >= 0.9994 instead of 0.9997
+            reduce_range=True,
+            use_external_data_format=size >= EXTERNAL_DATA_BYTES,
+            # the built graphs' fused ops (SkipLayerNormalization, MultiHeadAttention) have no ONNX
+            # shape inference: their outputs are float32, as every activation of a float32 export
+            extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
+    finally:
+        root.setLevel(level)
     done = sum(
         n.op_type == "MatMulInteger" for n in onnx.load(str(target), load_external_data=False).graph.node
     )
