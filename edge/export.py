@@ -142,7 +142,7 @@ class ExportConfig:
     # sidecar.VISION_QUANT_METHODS or "none" (float). None: "dynamic-int8" for fp32 exports, "nbits"
     # for fp16 ones (dynamic quantization takes float32). At the InternVL3-1B shape on a CPU,
     # MatMulNBits over 1025 rows a tile was no faster than fp32 GEMM (int4 14% slower); dynamic
-    # int8 was 2.18x faster (quantize.py).
+    # int8 was 2.07x faster (quantize.py).
     vision_quant: str | None = None
 
     def __post_init__(self) -> None:
@@ -536,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=(*VISION_QUANT_METHODS, "none"),
         default=None,
         help="with --quant, the vision graph: dynamic-int8 (int8 weights, uint8 activations per pass; "
-        "the default for fp32, 2.2x faster on a VNNI CPU), nbits (as the decoder; the fp16 default) or none",
+        "the default for fp32, 2.1x faster on a VNNI CPU), nbits (as the decoder; the fp16 default) or none",
     )
     parser.add_argument(
         "--no-quant-vision",

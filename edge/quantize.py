@@ -15,11 +15,11 @@ a token), where MatMulNBits is no faster than float32 GEMM: by default
 output channel and uint8 activations quantized on every pass
 (``quantize_dynamic``: MatMulInteger, which ORT fuses into VNNI integer GEMMs on
 the CPU). Measured on the InternViT-300M lean graph, one 448 px tile, 1
-thread of this 2-core AVX512-VNNI CPU beside training jobs: 16.3 s float32, 7.5 s
-dynamic int8 (2.18x; 2.07x with the 7-bit weights used, see below), token cosine
->= 0.9994 (random weights); MatMulNBits int8
-and int4 (accuracy level 4) took 1.00x and 1.14x the float time. ``nbits``
-quantizes it as the decoder. The patch convolution stays float. The sidecar
+thread of this 2-core AVX512-VNNI CPU beside training jobs: 11.6 s float32, 5.6
+s dynamic int8 with the 7-bit weights used (2.07x; token cosine >= 0.9994,
+random weights), and 2.07x again for 7 tiles inside a whole question
+(bench/edge_stages.py); MatMulNBits int8 and int4 (accuracy level 4) took 1.00x
+and 1.14x the float time. ``nbits`` quantizes it as the decoder. The patch convolution stays float. The sidecar
 records what was quantized (``sidecar.WeightQuant``); the runtime opens the
 directory unchanged.
 

@@ -39,7 +39,6 @@ DEFAULT_GRAPH = "lean"  # what stitch-export builds unless --graph says otherwis
 # Vision graphs: "explicit" (traced ``VisionEncoder``) and "lean" (``lean_vision``: built op by op
 # with fused ops). Same I/O; the runtime opens both alike, the field says what the file holds.
 VISION_GRAPHS = ("explicit", "lean")
-DEFAULT_GRAPH = "lean"  # what stitch-export builds unless --graph says otherwise (decoder and vision)
 # Weight-only quantization (``stitch-export --quant``): name -> bits of the MatMul weights.
 QUANT_BITS = {"int4": 4, "int8": 8}
 # How ``--quant`` quantizes the vision graph (``--vision-quant``): "dynamic-int8" (int8 weights per
