@@ -5,21 +5,20 @@ Writes, into ``--out``:
 - ``vision.onnx``: pixel_values [tiles, 3, t, t] float32 -> image_embeds
   [tiles * tokens_per_tile, hidden] (``InternVLModel.get_image_features``);
 - ``decoder.onnx``: one text-decoder pass with KV cache that also returns the
-  pass's visual-token score (``export_modules.ScoringDecoder``), with logits
-  for the last ``num_logits`` positions only (an input: 1 for generation, the
-  answer length for the consistency pass). ``--no-scores`` exports the same
-  decoder without the score (``UnscoredDecoder``), for benchmarks only: the
-  runtime refuses it;
-  ``--graph lean`` writes instead the graph ``lean_decoder`` builds op by op
-  from the weights (ORT's fused GroupQueryAttention, RotaryEmbedding,
+  pass's visual-token score, with logits for the last ``num_logits`` positions
+  only (an input: 1 for generation, the answer length for the consistency
+  pass). By default (``--graph lean``) the graph ``lean_decoder`` builds op by
+  op from the weights (ORT's fused GroupQueryAttention, RotaryEmbedding,
   SkipSimplifiedLayerNormalization; the score beside the fused attention for
-  the scoring rows only; KV in buffers shared between past and present). Same
-  I/O names; the sidecar's ``graph`` tells the runtime how to bind its cache.
-  The traced graph (``--graph explicit``, the default) stays the reference;
-  ``--graph lean`` also builds ``vision.onnx`` op by op (``lean_vision``: fused
-  MultiHeadAttention, SkipLayerNormalization, BiasGelu; same I/O), unless
-  ``--vision-graph explicit`` keeps the traced one; the sidecar's
-  ``vision_graph`` says which;
+  the scoring rows only; KV in buffers shared between past and present);
+  ``--graph explicit`` traces ``export_modules.ScoringDecoder`` instead, the
+  reference the lean graph is tested against. Same I/O names; the sidecar's
+  ``graph`` tells the runtime how to bind its cache. ``--no-scores`` exports
+  the same decoder without the score (``UnscoredDecoder`` when traced), for
+  benchmarks only: the runtime refuses it. The lean export also builds
+  ``vision.onnx`` op by op (``lean_vision``: fused MultiHeadAttention,
+  SkipLayerNormalization, BiasGelu; same I/O), unless ``--vision-graph
+  explicit`` keeps the traced one; the sidecar's ``vision_graph`` says which;
 - ``embed_tokens.npy``: the token embedding matrix [vocab, hidden]. A plain
   array, not a third graph: the lookup is one numpy gather, the runtime needs
   single rows for each decode step and arbitrary rows for the consistency pass,
@@ -38,12 +37,15 @@ A ``--no-scores`` export is not verified: the runtime that verification runs
 refuses it (the tests compare it with the scored graph instead).
 
 ``--quant int4|int8`` (default ``none``: float weights) then quantizes the
-verified graphs' MatMul weights, vision and decoder, explicit or lean, to
+verified decoder's MatMul weights, explicit or lean, to
 ``com.microsoft.MatMulNBits`` (``quantize``: block-wise, symmetric,
-``--quant-block-size`` 32, ``--quant-accuracy-level`` 4: int8 activations),
-records that in the sidecar's ``quant``, and compares the quantized graphs with the float ones (logits max abs / relative
-deviation, greedy agreement, the score's top-R overlap at 9/35/64% over a short
-greedy generation). It reports those deviations and fails only for graphs that
+``--quant-block-size`` 32, ``--quant-accuracy-level`` 4: int8 activations) and
+the vision graph's by ``--vision-quant`` (fp32 default ``dynamic-int8``:
+MatMulInteger with activations quantized per pass; ``nbits``: as the decoder;
+``none``), records that in the sidecar's ``quant``, and compares the quantized
+graphs with the float ones (logits max abs / relative deviation, greedy
+agreement, the score's top-R overlap at 9/35/64% over a short greedy
+generation). It reports those deviations and fails only for graphs that
 are broken rather than quantized (``quantize.BROKEN_COSINE``).
 
 Exporter: the TorchScript exporter (``torch.onnx.export(dynamo=False)``). The
@@ -529,7 +531,8 @@ def main(argv: list[str] | None = None) -> int:
         "--quant",
         choices=["none", *sorted(QUANT_BITS)],
         default="none",
-        help="weight-only quantization of the graphs' MatMul weights (MatMulNBits), after verification",
+        help="quantize the graphs' MatMul weights after verification: the decoder's as MatMulNBits, the "
+        "tower's as --vision-quant says",
     )
     parser.add_argument(
         "--vision-quant",
