@@ -157,8 +157,11 @@ def export_step(checkpoint: Path, out: Path, name: str) -> None:
     from stitchvlm.edge.export import ExportConfig, export_edge
 
     graph, quant, vision = EXPORTS[name]
-    config = ExportConfig(model_dir=checkpoint, out_dir=out, verify=False, graph=graph, quant=quant)
-    export_edge(replace(config, vision_quant=vision) if quant != "none" else config)
+    export_edge(
+        ExportConfig(
+            model_dir=checkpoint, out_dir=out, verify=False, graph=graph, quant=quant, vision_quant=vision
+        )
+    )
 
 
 class HighWaterMark:

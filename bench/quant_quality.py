@@ -29,6 +29,7 @@ from stitchvlm.edge.export import ExportConfig, export_edge
 from stitchvlm.edge.gate import DEFAULT_CONSISTENCY_RETENTION, DEFAULT_TAU, consistency_probs
 from stitchvlm.edge.quantize import DEFAULT_BLOCK_SIZE, OVERLAP_RETENTIONS
 from stitchvlm.edge.runtime import CPU, EdgeModel
+from stitchvlm.edge.sidecar import VISION_QUANT_METHODS
 from stitchvlm.shared.scoring import confidence_score, consistency_score, top_r_indices
 from stitchvlm.shared.synthetic import exact_match, iter_dataset
 
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--vision-quant",
-        choices=("dynamic-int8", "nbits", "none"),
+        choices=(*VISION_QUANT_METHODS, "none"),
         default=None,
         help="stitch-export --vision-quant (default: the export's, dynamic-int8 for fp32)",
     )

@@ -77,7 +77,8 @@ EASY_OBJECTS = (4, 6)  # the range just after the warm-up
 # the small model, 800 warm-up steps at full size read the colour of 1-2 objects 20% of the time (7
 # colours), at 2.5x 80%.
 WARMUP_SCALE = 2.5
-SCALED_QTYPES = ("colour", "shape", "count", "number")
+CELL_QTYPES = ("spatial", "relation")  # questions about grid cells: two objects, never scaled
+SCALED_QTYPES = tuple(q for q in QTYPES if q not in CELL_QTYPES)
 _JITTER = 2  # +- px of an object's centre around its cell's centre
 _NUMBER_PROBABILITY = 0.5  # chance that a roomy shape carries a number
 # Salts of the per-split random streams; distinct from the basic family's.
@@ -455,7 +456,7 @@ def _warmup_scene(rng: np.random.Generator, qtype: str, scale: float = 1.0) -> P
     ``qtype`` the scene answers (drawn until one does)."""
     while True:
         n = int(rng.integers(WARMUP_OBJECTS[0], WARMUP_OBJECTS[1] + 1))
-        if qtype in ("spatial", "relation"):
+        if qtype in CELL_QTYPES:
             n = 2  # a neighbour, a second object
         objects = _place(rng, [_spec(rng) for _ in range(n)], scale=scale)
         if _overlap(objects):
