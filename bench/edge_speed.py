@@ -280,7 +280,17 @@ class RawDecoder:
     def run(self, embeds, positions, query_mask, cache, num_logits: int) -> list[ort.OrtValue]:
         """One pass as the runtime binds it (logits and scores to the host, KV on the device)."""
         io, with_scores = self.sidecar.io, self.sidecar.with_scores
-        binding = self.session.io_binding()
+        names = io.past_names(self.layers), io.present_names(self.layers)
+        host = [io.logits, io.visual_scores] if with_scores else [io.logits]
+        if self.shared_kv:
+            binding = cache.storage.binding(self.session, host, *names)  # buffers stay bound between passes
+        else:
+            binding = self.session.io_binding()
+            for name in host:  # first, so that get_outputs() lists them first
+                binding.bind_output(name, "cpu")
+            for past_name, present_name, value in zip(*names, cache, strict=True):
+                binding.bind_ortvalue_input(past_name, value)
+                binding.bind_output(present_name, self.device)
         binding.bind_cpu_input(io.inputs_embeds, np.ascontiguousarray(embeds))
         binding.bind_cpu_input(io.position_ids, np.ascontiguousarray(positions, dtype=np.int64))
         past = cache.length if self.shared_kv else cache[0].shape()[2]
@@ -289,22 +299,14 @@ class RawDecoder:
         if with_scores:
             binding.bind_cpu_input(io.score_query_mask, np.ascontiguousarray(query_mask, dtype=np.float32))
         binding.bind_cpu_input(io.num_logits, np.array(num_logits, dtype=np.int64))
-        binding.bind_output(io.logits, "cpu")
-        if with_scores:
-            binding.bind_output(io.visual_scores, "cpu")
-        names = zip(io.past_names(self.layers), io.present_names(self.layers), strict=True)
-        values = cache.values if self.shared_kv else cache
-        for (past_name, present_name), value in zip(names, values, strict=True):
-            binding.bind_ortvalue_input(past_name, value)
-            if self.shared_kv:
-                binding.bind_ortvalue_output(present_name, value)
-            else:
-                binding.bind_output(present_name, self.device)
+        for name in host:
+            binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         outputs[0].numpy()  # the logits reach numpy, as the runtime's argmax needs them
         if self.shared_kv:
-            return KVBuffers.of(cache.values, total)
+            cache.storage.filled = total
+            return KVBuffers(cache.storage, total)
         return outputs[2 if with_scores else 1 :]
 
 

@@ -212,16 +212,11 @@ def score_rows(g: GraphBuilder, query: str, present_key: str, layer: int, shared
     hold anything, NaN included (uninitialised device memory).
     """
     prefix = f"layers.{layer}.score"
-    kv_heads, groups, head_dim = shared["kv_heads"], shared["heads"] // shared["kv_heads"], shared["head_dim"]
-    rows = g.op(
-        "Slice", [query, shared["first_row_1d"], shared["int64_max_1d"], shared["axis_1"]], f"{prefix}.q_rows"
-    )
-    # [B, R, H*hd] -> [B, R, KV, G, hd] -> [B, KV, G, R, hd] -> [B, KV, G*R, hd]: query head h
-    # reads kv head h // G (repeat_kv), and one GEMM per kv head reads its keys once for all G heads
-    shape = g.const(f"{prefix}.q_shape", [0, 0, kv_heads, groups, head_dim], np.int64)
-    rows = g.op("Reshape", [rows, shape], f"{prefix}.q_heads")
-    rows = g.op("Transpose", [rows], f"{prefix}.q_bnsh", perm=[0, 2, 3, 1, 4])
-    rows = g.op("Reshape", [rows, shared["grouped_rows_shape"]], f"{prefix}.q_grouped", allowzero=1)
+    # [B, S, H*hd] -> [B, S*H, hd] (a view) -> [B, KV, G*R, hd]: one Gather picks query head
+    # kv*G + g of row first + r for grouped row g*R + r (query head h reads kv head h // G, as
+    # repeat_kv does), so one GEMM per kv head reads its keys once for all G heads
+    flat = g.op("Reshape", [query, shared["flat_heads_shape"]], f"{prefix}.q_flat")
+    rows = g.op("Gather", [flat, shared["grouped_rows_index"]], f"{prefix}.q_grouped", axis=1)
     keys = present_key
     if g.dtype != np.float32:
         rows = g.op("Cast", [rows], f"{prefix}.q_float", to=TensorProto.FLOAT)
@@ -323,9 +318,17 @@ def score_prelude(g: GraphBuilder, io: GraphIO, shared: dict) -> None:
         ]
         return g.op("Concat", parts, name, axis=0)
 
-    shared["grouped_rows_shape"] = shape(
-        "score.q_shape", batch_1d, shared["kv_heads"], grouped_1d, shared["head_dim"]
-    )
+    # Where grouped row g*R + r of kv head kv reads its query in [B, S*H, hd]: (first + r)*H + kv*G + g.
+    heads = shared["heads"]
+    shared["flat_heads_shape"] = g.const("score.flat_heads_shape", [0, -1, shared["head_dim"]], np.int64)
+    rows = g.op("Range", [first, seq, shared["one"]], "score.rows")  # [R]
+    row_offsets = g.op("Mul", [rows, g.const("score.heads", heads, np.int64)], "score.row_offsets")
+    head_of = g.const("score.head_of", np.arange(heads).reshape(shared["kv_heads"], groups, 1), np.int64)
+    index = g.op("Add", [head_of, row_offsets], "score.query_heads")  # [KV, G, R]
+    shared["grouped_rows_index"] = g.op(
+        "Reshape", [index, shape("score.index_shape", shared["kv_heads"], grouped_1d)],
+        "score.grouped_rows_index", allowzero=1,
+    )  # fmt: skip
     shared["sum_shape"] = shape("score.sum_shape", batch_1d, shared["kv_heads"], groups, rows_1d, capacity_1d)
     allowed = g.op(
         "Expand",

@@ -82,6 +82,23 @@ class _SharedStorage:
     def __init__(self, values: list[ort.OrtValue]) -> None:
         self.values = values  # key_0, value_0, ... each [batch, kv_heads, capacity, head_dim]
         self.filled = 0  # positions written so far
+        self._binding: tuple[ort.InferenceSession, ort.IOBinding] | None = None
+
+    def binding(
+        self, session: ort.InferenceSession, host_outputs: list[str], past_names, present_names
+    ) -> ort.IOBinding:
+        """An IOBinding of ``session`` with these buffers bound as past and present, made once per
+        session: each pass rebinds only the inputs and ``host_outputs``, not 2 x layers buffers.
+        ``host_outputs`` are bound first, so ``get_outputs()`` lists them first, in that order."""
+        if self._binding is None or self._binding[0] is not session:
+            binding = session.io_binding()
+            for name in host_outputs:
+                binding.bind_output(name, "cpu")
+            for past_name, present_name, value in zip(past_names, present_names, self.values, strict=True):
+                binding.bind_ortvalue_input(past_name, value)
+                binding.bind_ortvalue_output(present_name, value)
+            self._binding = (session, binding)
+        return self._binding[1]
 
 
 @dataclass(frozen=True, eq=False)
@@ -309,7 +326,16 @@ class EdgeModel:
         elif self.shared_kv and not np.all(attention_mask == 1):
             # GroupQueryAttention reads the mask as one filled length per row (seqlens_k)
             raise ValueError("the lean decoder takes no padding: attention_mask must be all ones")
-        binding = self.decoder.io_binding()
+        if self.shared_kv:
+            binding = self._bind_shared_cache(cache, batch, past + seq)
+        else:
+            binding = self.decoder.io_binding()
+            binding.bind_output(io.logits, "cpu")  # first, so that get_outputs() lists them first
+            binding.bind_output(io.visual_scores, "cpu")
+            for name, value in zip(self._past_names, cache, strict=True):
+                binding.bind_ortvalue_input(name, value)
+            for name in self._present_names:
+                binding.bind_output(name, self.device)
         binding.bind_cpu_input(io.inputs_embeds, np.ascontiguousarray(inputs_embeds, dtype=self.dtype))
         binding.bind_cpu_input(io.position_ids, np.ascontiguousarray(position_ids, dtype=np.int64))
         binding.bind_cpu_input(io.attention_mask, np.ascontiguousarray(attention_mask, dtype=np.int64))
@@ -318,23 +344,16 @@ class EdgeModel:
         # Logits and scores come back to the host every pass; the cache stays where the session runs.
         binding.bind_output(io.logits, "cpu")
         binding.bind_output(io.visual_scores, "cpu")
-        if self.shared_kv:
-            cache = self._bind_shared_cache(binding, cache, batch, past + seq)
-        else:
-            for name, value in zip(self._past_names, cache, strict=True):
-                binding.bind_ortvalue_input(name, value)
-            for name in self._present_names:
-                binding.bind_output(name, self.device)
         self.decoder.run_with_iobinding(binding)
         logits, scores, *present = binding.get_outputs()
-        return DecoderStep(
-            logits=logits.numpy(), visual_scores=scores.numpy(), cache=cache if self.shared_kv else present
-        )
+        if self.shared_kv:
+            cache.storage.filled = past + seq
+            present = KVBuffers(cache.storage, past + seq)
+        return DecoderStep(logits=logits.numpy(), visual_scores=scores.numpy(), cache=present)
 
-    def _bind_shared_cache(
-        self, binding: ort.IOBinding, cache: KVBuffers, batch: int, total: int
-    ) -> KVBuffers:
-        """Bind each buffer as both past and present; returns the cache as it is after the pass."""
+    def _bind_shared_cache(self, cache: KVBuffers, batch: int, total: int) -> ort.IOBinding:
+        """The binding of ``cache``'s buffers as both past and present, once the pass to ``total``
+        positions is known to fit and to extend the newest cache of those buffers."""
         if cache.storage.filled != cache.length:
             raise ValueError(
                 f"this cache holds {cache.length} positions but its buffers were extended to "
@@ -345,13 +364,8 @@ class EdgeModel:
                 f"a pass to {total} positions of batch {batch} does not fit KV buffers of "
                 f"{cache.capacity} positions, batch {cache.values[0].shape()[0]}"
             )
-        for past_name, present_name, value in zip(
-            self._past_names, self._present_names, cache.values, strict=True
-        ):
-            binding.bind_ortvalue_input(past_name, value)
-            binding.bind_ortvalue_output(present_name, value)
-        cache.storage.filled = total
-        return KVBuffers(cache.storage, total)
+        host_outputs = [self.sidecar.io.logits, self.sidecar.io.visual_scores]
+        return cache.storage.binding(self.decoder, host_outputs, self._past_names, self._present_names)
 
     # ----------------------------------------------------------------- generation
 
