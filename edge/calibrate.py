@@ -137,6 +137,30 @@ class Calibration:
     retention: float  # R the cloud answers were obtained with
     chosen: SweepRow
     sweep: list[SweepRow]
+    # What S depended on (None in files written before they were recorded): the gate's r_c, the
+    # generation budget and the grid tiles per image the edge really cut (its --max-tiles cap or
+    # the checkpoint's max_tiles). Another value gives other S, so the tau no longer means the same.
+    consistency_retention: float | None = None
+    max_new_tokens: int | None = None
+    max_tiles: int | None = None
+
+
+# Calibration field -> the stitch-edge flag that sets it, for the settings that change S.
+S_SETTINGS = {
+    "consistency_retention": "--consistency-retention",
+    "max_new_tokens": "--max-new-tokens",
+    "max_tiles": "--max-tiles",
+}
+
+
+def differences(calibration: Calibration, settings: dict[str, object]) -> list[str]:
+    """The settings that change S (``S_SETTINGS``) whose value in ``settings`` differs from the
+    calibration's, as "--flag: calibrated A, now B"; settings the file does not record are skipped."""
+    return [
+        f"{flag}: calibrated {getattr(calibration, name)}, now {settings[name]}"
+        for name, flag in S_SETTINGS.items()
+        if getattr(calibration, name) is not None and getattr(calibration, name) != settings[name]
+    ]
 
 
 def save(calibration: Calibration, path: Path) -> Path:

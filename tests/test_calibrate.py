@@ -9,6 +9,7 @@ that ``stitch-edge ask`` then reads its tau from.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -22,6 +23,7 @@ from stitchvlm.edge import calibrate  # noqa: E402
 from stitchvlm.edge.cli import main as edge_main  # noqa: E402
 from stitchvlm.edge.demo import EMBEDDED_LARGE, EMBEDDED_SMALL, embedded_model_dir  # noqa: E402
 from stitchvlm.edge.export import ExportConfig, export_edge  # noqa: E402
+from stitchvlm.edge.gate import DEFAULT_CONSISTENCY_RETENTION  # noqa: E402
 from stitchvlm.edge.loadtest import load_questions  # noqa: E402
 from stitchvlm.edge.runtime import CPU, EdgeModel  # noqa: E402
 from stitchvlm.edge.sdk import Cascade  # noqa: E402
@@ -138,3 +140,28 @@ def test_cli_writes_the_tau_that_ask_then_uses(pair, tmp_path, capsys):
             == 0
         )
         assert json.loads(capsys.readouterr().out)["tau"] == saved["tau"]
+        # what S was computed with is recorded; asking with other settings warns, --tau does not
+        tiles = EdgeModel.load(edge_dir, providers=[CPU]).files.tiling.max_tiles
+        assert (saved["max_new_tokens"], saved["max_tiles"]) == (6, tiles)
+        assert saved["consistency_retention"] == DEFAULT_CONSISTENCY_RETENTION
+        ask = ["ask", "--model", str(edge_dir), "--image", str(image), "--prompt", "What colour?", "--cpu"]
+        assert edge_main([*ask, "--max-new-tokens", "6", "--max-tiles", "1"]) == 0
+        warning = capsys.readouterr().err
+        assert f"--max-tiles: calibrated {tiles}, now 1" in warning and "--max-new-tokens" not in warning
+        assert edge_main([*ask, "--max-new-tokens", "6", "--max-tiles", "1", "--tau", "0.5"]) == 0
+        assert "warning" not in capsys.readouterr().err
+
+
+def test_older_calibration_files_read_without_the_s_settings(tmp_path):
+    """A file written before the settings were recorded still reads, and compares as unknown."""
+    row = calibrate.SweepRow(tau=0.5, exit_rate=0.4, cloud_load=0.6, agreement=1.0, accuracy=None,
+                             edge_accuracy_on_exits=None)  # fmt: skip
+    older = {"tau": 0.5, "target": "exit_rate", "target_value": 0.4, "questions": 10, "retention": 0.09,
+             "chosen": vars(row), "sweep": [vars(row)]}  # fmt: skip
+    (tmp_path / calibrate.CALIBRATION_FILE).write_text(json.dumps(older))
+    loaded = calibrate.read_calibration(tmp_path)
+    assert loaded.tau == 0.5 and loaded.max_tiles is None and loaded.consistency_retention is None
+    now = {"consistency_retention": 0.35, "max_new_tokens": 8, "max_tiles": 2}
+    assert calibrate.differences(loaded, now) == []
+    recorded = dataclasses.replace(loaded, consistency_retention=0.35, max_new_tokens=32, max_tiles=2)
+    assert calibrate.differences(recorded, now) == ["--max-new-tokens: calibrated 32, now 8"]
