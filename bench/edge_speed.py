@@ -282,15 +282,10 @@ class RawDecoder:
         io, with_scores = self.sidecar.io, self.sidecar.with_scores
         names = io.past_names(self.layers), io.present_names(self.layers)
         host = [io.logits, io.visual_scores] if with_scores else [io.logits]
-        if self.shared_kv:
-            binding = cache.storage.binding(self.session, host, *names)  # buffers stay bound between passes
-        else:
-            binding = self.session.io_binding()
-            for name in host:  # first, so that get_outputs() lists them first
-                binding.bind_output(name, "cpu")
-            for past_name, present_name, value in zip(*names, cache, strict=True):
-                binding.bind_ortvalue_input(past_name, value)
-                binding.bind_output(present_name, self.device)
+        # the lean graph's buffers stay bound between passes
+        binding = (
+            cache.storage.binding(self.session, host, *names) if self.shared_kv else self.session.io_binding()
+        )
         binding.bind_cpu_input(io.inputs_embeds, np.ascontiguousarray(embeds))
         binding.bind_cpu_input(io.position_ids, np.ascontiguousarray(positions, dtype=np.int64))
         past = cache.length if self.shared_kv else cache[0].shape()[2]
@@ -299,15 +294,19 @@ class RawDecoder:
         if with_scores:
             binding.bind_cpu_input(io.score_query_mask, np.ascontiguousarray(query_mask, dtype=np.float32))
         binding.bind_cpu_input(io.num_logits, np.array(num_logits, dtype=np.int64))
-        for name in host:
+        for name in host:  # before any present, so that get_outputs() lists them first
             binding.bind_output(name, "cpu")
+        if not self.shared_kv:
+            for past_name, present_name, value in zip(*names, cache, strict=True):
+                binding.bind_ortvalue_input(past_name, value)
+                binding.bind_output(present_name, self.device)
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         outputs[0].numpy()  # the logits reach numpy, as the runtime's argmax needs them
         if self.shared_kv:
             cache.storage.filled = total
             return KVBuffers(cache.storage, total)
-        return outputs[2 if with_scores else 1 :]
+        return outputs[len(host) :]
 
 
 def time_decoder(

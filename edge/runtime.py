@@ -166,6 +166,7 @@ class EdgeModel:
         io, layers = sidecar.io, sidecar.dims.num_layers
         self._past_names = io.past_names(layers)
         self._present_names = io.present_names(layers)
+        self._host_outputs = [io.logits, io.visual_scores]  # what each pass brings back to the host
         _check_graph_io(decoder, io.decoder_inputs(layers), io.decoder_outputs(layers), "decoder")
         _check_graph_io(vision, [io.pixel_values], [io.image_embeds], "vision")
 
@@ -326,24 +327,23 @@ class EdgeModel:
         elif self.shared_kv and not np.all(attention_mask == 1):
             # GroupQueryAttention reads the mask as one filled length per row (seqlens_k)
             raise ValueError("the lean decoder takes no padding: attention_mask must be all ones")
-        if self.shared_kv:
-            binding = self._bind_shared_cache(cache, batch, past + seq)
-        else:
-            binding = self.decoder.io_binding()
-            binding.bind_output(io.logits, "cpu")  # first, so that get_outputs() lists them first
-            binding.bind_output(io.visual_scores, "cpu")
-            for name, value in zip(self._past_names, cache, strict=True):
-                binding.bind_ortvalue_input(name, value)
-            for name in self._present_names:
-                binding.bind_output(name, self.device)
+        binding = (
+            self._bind_shared_cache(cache, batch, past + seq) if self.shared_kv else self.decoder.io_binding()
+        )
         binding.bind_cpu_input(io.inputs_embeds, np.ascontiguousarray(inputs_embeds, dtype=self.dtype))
         binding.bind_cpu_input(io.position_ids, np.ascontiguousarray(position_ids, dtype=np.int64))
         binding.bind_cpu_input(io.attention_mask, np.ascontiguousarray(attention_mask, dtype=np.int64))
         binding.bind_cpu_input(io.score_query_mask, np.ascontiguousarray(score_query_mask, dtype=np.float32))
         binding.bind_cpu_input(io.num_logits, np.array(num_logits, dtype=np.int64))
-        # Logits and scores come back to the host every pass; the cache stays where the session runs.
-        binding.bind_output(io.logits, "cpu")
-        binding.bind_output(io.visual_scores, "cpu")
+        # Logits and scores come back to the host every pass (bound before any present, so that
+        # get_outputs() lists them first); the cache stays where the session runs.
+        for name in self._host_outputs:
+            binding.bind_output(name, "cpu")
+        if not self.shared_kv:
+            for name, value in zip(self._past_names, cache, strict=True):
+                binding.bind_ortvalue_input(name, value)
+            for name in self._present_names:
+                binding.bind_output(name, self.device)
         self.decoder.run_with_iobinding(binding)
         logits, scores, *present = binding.get_outputs()
         if self.shared_kv:
@@ -364,8 +364,7 @@ class EdgeModel:
                 f"a pass to {total} positions of batch {batch} does not fit KV buffers of "
                 f"{cache.capacity} positions, batch {cache.values[0].shape()[0]}"
             )
-        host_outputs = [self.sidecar.io.logits, self.sidecar.io.visual_scores]
-        return cache.storage.binding(self.decoder, host_outputs, self._past_names, self._present_names)
+        return cache.storage.binding(self.decoder, self._host_outputs, self._past_names, self._present_names)
 
     # ----------------------------------------------------------------- generation
 
