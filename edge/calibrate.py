@@ -26,7 +26,8 @@ from pathlib import Path
 
 from stitchvlm.shared.synthetic import exact_match
 
-from .sdk import Cascade
+from .runtime import EdgeModel
+from .sdk import Cascade, CascadeConfig
 
 CALIBRATION_FILE = "stitch_calibration.json"  # in the export directory, beside stitch_edge.json
 NEVER_EXIT = math.inf  # a tau no S reaches: every question escalates (when a cloud is configured)
@@ -151,6 +152,16 @@ S_SETTINGS = {
     "max_new_tokens": "--max-new-tokens",
     "max_tiles": "--max-tiles",
 }
+
+
+def settings_of(config: CascadeConfig, model: EdgeModel) -> dict[str, object]:
+    """A run's values of the settings in ``S_SETTINGS``; the tiles are the ones the edge really
+    cuts, its cap or the checkpoint's own."""
+    return {
+        "consistency_retention": config.consistency_retention,
+        "max_new_tokens": config.max_new_tokens,
+        "max_tiles": model.files.tiling.max_tiles,
+    }
 
 
 def differences(calibration: Calibration, settings: dict[str, object]) -> list[str]:

@@ -260,22 +260,12 @@ def default_tau(model_dir: Path) -> float:
     return calibration.tau if calibration is not None else DEFAULT_TAU
 
 
-def s_settings(config: CascadeConfig, model: EdgeModel) -> dict[str, object]:
-    """This run's values of the settings S depends on (``calibrate.S_SETTINGS``); the tiles are the
-    ones the edge really cuts, its cap or the checkpoint's own."""
-    return {
-        "consistency_retention": config.consistency_retention,
-        "max_new_tokens": config.max_new_tokens,
-        "max_tiles": model.files.tiling.max_tiles,
-    }
-
-
 def warn_if_calibrated_otherwise(args: argparse.Namespace, config: CascadeConfig, model: EdgeModel) -> None:
     """On stderr, when tau comes from the export's calibration and this run computes S otherwise."""
     if args.tau is not None:
         return
     calibration = read_calibration(args.model)
-    changed = calibrate.differences(calibration, s_settings(config, model)) if calibration else []
+    changed = calibrate.differences(calibration, calibrate.settings_of(config, model)) if calibration else []
     if changed:
         print(
             f"stitch-edge: warning: tau {calibration.tau:.4f} was calibrated with other settings "
@@ -380,7 +370,7 @@ def run_calibrate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         retention=config.retention,
         chosen=chosen,
         sweep=rows,
-        **s_settings(config, model),
+        **calibrate.settings_of(config, model),
     )
     calibrate.save(result, out)
     print(calibrate.table(rows, chosen))
