@@ -55,9 +55,9 @@ FAMILY_DATA = {
         "- 448 x 224 images of 10-20 objects (7 colours, 7 shapes, two sizes: small 24-30 px, large",
         "  44-50 px; roomy shapes may hold a printed two-digit number), one per cell of an 8 x 4 grid of",
         "  56 px cells, each object on a 2 x 2 block of visual tokens",
-        "- every object a question names is named by a conjunction of attributes, and the scene holds,",
-        "  for each named attribute, an object that matches all the others but not it; answers are one",
-        "  word, a two-digit number, a count (1-5) or two words (`shared/synthetic_crowded.py`)",
+        "- every object a question names is named by one attribute (its colour or its shape) that no",
+        "  other object in the scene has (`ONE_ATTRIBUTE` rules); answers are one word, a two-digit",
+        "  number, a count (1-5) or two words (`shared/synthetic_crowded.py`)",
         "- each test image has one question",
     ],
 }

@@ -30,8 +30,8 @@ Two task families, chosen by name (``FAMILIES``, the ``family`` argument of
 ``make_example``, ``dataset``, ``iter_dataset``, ``vocabulary_corpus``): ``basic``
 (the above, the default, what the embedded pair and the demo use) and
 ``crowded`` (``synthetic_crowded``: 10-20 objects of two sizes on a 448 x 224
-canvas, questions that name objects by a conjunction of attributes, answers of
-several tokens). Each family salts its splits with its own keys.
+canvas, questions that name one object of many by an attribute no other has
+(or, under its conjunctive rules, by a conjunction), answers of several tokens). Each family salts its splits with its own keys.
 
 Not here: tokenization, tiling, or model inputs (``prompt`` and ``preprocess``).
 """

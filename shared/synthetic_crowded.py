@@ -1,4 +1,4 @@
-"""The ``crowded`` task family of ``stitchvlm.shared.synthetic``: many objects, conjunctive questions.
+"""The ``crowded`` task family of ``stitchvlm.shared.synthetic``: many objects, several-token answers.
 
 The basic family asks about one of 3-6 objects, named by one attribute, and a
 model can answer from the question's last word: an early layer already knows
@@ -9,23 +9,34 @@ do as well as any guidance (issue 12). Here an early layer cannot know:
   cell of the 8 x 4 grid of 56 px cells of a 448 x 224 canvas (2 x 1 tiles of
   224 px plus the thumbnail; at 64 tokens per tile, 192 visual tokens, each
   object on a 2 x 2 block of grid tokens);
-- every object a question names is named by a *conjunction* of attributes
-  ("the small green triangle") and every word of it is needed: for each
-  attribute, the scene holds an object that matches all the others but not it;
+- the object a question asks about is one of 10-20, so which tokens matter
+  depends on the question's words, not on the image alone;
 - answers of several tokens: two-digit numbers, two words.
 
-Question types (``QTYPES``):
+Two sets of rules (``Rules``) say how a question names its objects:
 
-- ``colour``: "What colour is the small star?" (size + shape)
-- ``shape``: "What shape is the large blue object?" (size + colour)
-- ``count``: "How many small red objects are there?" (two attributes; 1 to 5,
-  among distractors that share one of them)
-- ``number``: "What number is on the large green square?" (two digits; the
-  objects that share two of the three attributes carry numbers too)
-- ``spatial``: "What is directly left of the small red star?" -> "blue circle"
-  (the object in the neighbouring grid cell, colour and shape)
-- ``relation``: "Is the small red star left or right of the large blue circle?"
-  -> "left" (two named objects; "above or below" when asked that way)
+- ``ONE_ATTRIBUTE`` (the family's, ``RULES``): by one attribute that no other
+  object in the scene has ("the star", "the blue object");
+- ``CONJUNCTIVE``: by two or three attributes, every word needed: for each
+  named attribute the scene holds an object that matches all the others but
+  not it ("the small green triangle" beside a large green triangle and a small
+  green star). A 12-layer, 128-wide language model trained on the 2-core CPU
+  learned to select by one attribute of two, not by both (README, issue 12);
+  these rules stay for a larger model or budget.
+
+Question types (``QTYPES``), as ``ONE_ATTRIBUTE`` / ``CONJUNCTIVE`` ask them:
+
+- ``colour``: "What colour is the star?" / "... the small star?" (size + shape)
+- ``shape``: "What shape is the blue object?" / "... the large blue object?"
+- ``count``: "How many red objects are there?" (1 to 5; conjunctive: two
+  attributes, among distractors that share one of them)
+- ``number``: "What number is on the square?" / "... the large green square?"
+  (two digits, on a large object; conjunctive: the objects that share two of
+  the three attributes carry numbers too)
+- ``spatial``: "What is directly left of the star?" -> "blue circle" (the
+  object in the neighbouring grid cell, colour and shape)
+- ``relation``: "Is the star left or right of the blue object?" -> "left" (two
+  named objects; "above or below" when asked that way)
 
 Like the basic family: a pure function of (split, seed), its own split salts
 (never the basic family's scenes), numpy and Pillow only.
@@ -34,6 +45,7 @@ Like the basic family: a pure function of (split, seed), its own split salts
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -54,7 +66,7 @@ GRID_COLUMNS, GRID_ROWS = CANVAS[0] // CELL, CANVAS[1] // CELL  # 8 x 4
 QTYPES = ("colour", "shape", "count", "number", "spatial", "relation")
 SIZES = {"small": (24, 30), "large": (44, 50)}  # object side in px, inclusive ranges
 ATTRIBUTES = ("size", "colour", "shape")  # what a description may name, in the order it names them
-# The attribute sets that may name one object: any two, or all three.
+# The conjunctive rules' attribute sets that may name one object: any two, or all three.
 DESCRIPTIONS = (("size", "colour"), ("size", "shape"), ("colour", "shape"), ATTRIBUTES)
 NUMBER_SHAPES = DIGIT_SHAPES  # shapes roomy enough to hold a printed number
 NUMBERS = (10, 99)  # printed numbers, inclusive: always two digits, two answer tokens
@@ -85,6 +97,42 @@ _NUMBER_PROBABILITY = 0.5  # chance that a roomy shape carries a number
 _SPLIT_KEYS = {"train": 0xC20D_0001, "val": 0xC20D_0002, "test": 0xC20D_0003}
 
 Spec = dict  # an object not yet placed: size, colour, shape, digit
+
+
+@dataclass(frozen=True)
+class Rules:
+    """How questions name their objects: which attribute sets, and whether every word is needed."""
+
+    name: str
+    descriptions: tuple[tuple[str, ...], ...]  # the sets that may name a spatial or relation referent
+    colour_by: tuple[str, ...]  # what names the object a colour question asks about
+    shape_by: tuple[str, ...]
+    number_by: tuple[str, ...]
+    counts_by: tuple[tuple[str, ...], ...]  # the sets a count question names
+    # True: for each named attribute the scene holds a twin that differs only in it (planted), so no
+    # word of a description can be left out; False: a description need only name one object.
+    every_word_needed: bool
+
+
+ONE_ATTRIBUTE = Rules(
+    "one-attribute",
+    descriptions=(("colour",), ("shape",)),
+    colour_by=("shape",),
+    shape_by=("colour",),
+    number_by=("shape",),
+    counts_by=(("colour",), ("shape",)),
+    every_word_needed=False,
+)
+CONJUNCTIVE = Rules(
+    "conjunctive",
+    descriptions=DESCRIPTIONS,
+    colour_by=("size", "shape"),
+    shape_by=("size", "colour"),
+    number_by=ATTRIBUTES,
+    counts_by=DESCRIPTIONS[:3],
+    every_word_needed=True,
+)
+RULES = ONE_ATTRIBUTE  # the family's rules: the splits, the training stream and its follow-up questions
 
 
 def example_rng(seed: int | Sequence[int], split: str) -> np.random.Generator:
@@ -118,17 +166,22 @@ def object_scale(level: float) -> float:
 
 
 def make_example(
-    seed_or_rng: int | Sequence[int] | np.random.Generator, split: str = "train", level: float = 1.0
+    seed_or_rng: int | Sequence[int] | np.random.Generator,
+    split: str = "train",
+    level: float = 1.0,
+    rules: Rules = RULES,
 ) -> Example:
-    """One crowded example (``synthetic.make_example(..., family="crowded")`` calls this)."""
+    """One crowded example (``synthetic.make_example(..., family="crowded")`` calls this, with the
+    family's ``RULES``)."""
     rng = seed_or_rng if isinstance(seed_or_rng, np.random.Generator) else example_rng(seed_or_rng, split)
     limits = object_limits(level)
     qtype = QTYPES[int(rng.integers(len(QTYPES)))]
     if level < WARMUP_LEVEL:
-        objects, q = _warmup_scene(rng, qtype, object_scale(level) if qtype in SCALED_QTYPES else 1.0)
+        scale = object_scale(level) if qtype in SCALED_QTYPES else 1.0
+        objects, q = _warmup_scene(rng, qtype, rules, scale)
         return Example(render(objects, rng, CANVAS), q.text, q.answer, qtype, q.region, objects, "crowded")
     while True:  # a planted scene can break a description (a filler twin); draw again from the stream
-        planted = _PLANT[qtype](rng, limits)
+        planted = _PLANT[qtype](rng, limits, rules)
         if planted is not None:
             objects, q = planted
             image = render(objects, rng, CANVAS)
@@ -174,13 +227,16 @@ def is_warmup(objects: Sequence[SceneObject]) -> bool:
     return len(objects) <= WARMUP_OBJECTS[1]
 
 
-def describes(objects: Sequence[SceneObject], target: SceneObject, attributes: Sequence[str]) -> bool:
-    """True when ``attributes`` of ``target`` name it alone and each of them is needed: left out,
-    the rest name at least two objects (in a warm-up scene naming it alone is enough)."""
+def describes(
+    objects: Sequence[SceneObject], target: SceneObject, attributes: Sequence[str], rules: Rules = RULES
+) -> bool:
+    """True when ``attributes`` of ``target`` name it alone and, where ``rules`` need every word, each
+    of them is needed: left out, the rest name at least two objects (in a warm-up scene naming it
+    alone is enough)."""
     values = values_of(target, attributes)
     if sum(matches(o, values) for o in objects) != 1:
         return False
-    if is_warmup(objects):
+    if not rules.every_word_needed or is_warmup(objects):
         return True
     for name in attributes:
         rest = {k: v for k, v in values.items() if k != name}
@@ -210,16 +266,16 @@ def _union(boxes: Sequence[tuple[int, int, int, int]]) -> tuple[int, int, int, i
     return (*array[:, :2].min(axis=0).tolist(), *array[:, 2:].max(axis=0).tolist())
 
 
-def colour_question(o: SceneObject) -> Question:
-    return Question(f"What colour is {phrase(values_of(o, ('size', 'shape')))}?", o.colour, "colour", o.box)
+def colour_question(o: SceneObject, rules: Rules = RULES) -> Question:
+    return Question(f"What colour is {phrase(values_of(o, rules.colour_by))}?", o.colour, "colour", o.box)
 
 
-def shape_question(o: SceneObject) -> Question:
-    return Question(f"What shape is {phrase(values_of(o, ('size', 'colour')))}?", o.shape, "shape", o.box)
+def shape_question(o: SceneObject, rules: Rules = RULES) -> Question:
+    return Question(f"What shape is {phrase(values_of(o, rules.shape_by))}?", o.shape, "shape", o.box)
 
 
-def number_question(o: SceneObject) -> Question:
-    return Question(f"What number is on {phrase(values_of(o, ATTRIBUTES))}?", o.digit, "number", o.box)
+def number_question(o: SceneObject, rules: Rules = RULES) -> Question:
+    return Question(f"What number is on {phrase(values_of(o, rules.number_by))}?", o.digit, "number", o.box)
 
 
 def count_question(values: dict[str, str], objects: Sequence[SceneObject]) -> Question:
@@ -240,38 +296,39 @@ def relation_question(a: SceneObject, a_attrs, b: SceneObject, b_attrs, axis: st
     return Question(text, answer, "relation", _union([a.box, b.box]))
 
 
-def _counts_needing_both(objects: Sequence[SceneObject], values: dict[str, str]) -> bool:
-    """1..MAX_COUNT objects match ``values`` and, for each of its attributes, more match without it."""
+def _counts_well(objects: Sequence[SceneObject], values: dict[str, str], rules: Rules) -> bool:
+    """1..MAX_COUNT objects match ``values`` and, where ``rules`` need every word, for each of its
+    attributes more match without it."""
     count = sum(matches(o, values) for o in objects)
     if not 1 <= count <= MAX_COUNT:
         return False
-    if is_warmup(objects):
+    if not rules.every_word_needed or is_warmup(objects):
         return True
     return all(sum(matches(o, {k: v for k, v in values.items() if k != name}) for o in objects) > count
                for name in values)  # fmt: skip
 
 
-def scene_questions(objects: Sequence[SceneObject], qtype: str) -> list[Question]:
-    """Every question of ``qtype`` the scene answers unambiguously with every word needed, in a fixed order."""
+def scene_questions(objects: Sequence[SceneObject], qtype: str, rules: Rules = RULES) -> list[Question]:
+    """Every question of ``qtype`` the scene answers unambiguously under ``rules``, in a fixed order."""
     if qtype == "colour":
-        return [colour_question(o) for o in objects if describes(objects, o, ("size", "shape"))]
+        return [colour_question(o, rules) for o in objects if describes(objects, o, rules.colour_by, rules)]
     if qtype == "shape":
-        return [shape_question(o) for o in objects if describes(objects, o, ("size", "colour"))]
+        return [shape_question(o, rules) for o in objects if describes(objects, o, rules.shape_by, rules)]
     if qtype == "number":
         numbered = [
             o for o in objects if o.digit is not None and o.size == "large"
         ]  # small print: never asked
-        return [number_question(o) for o in numbered if describes(objects, o, ATTRIBUTES)]
+        return [number_question(o, rules) for o in numbered if describes(objects, o, rules.number_by, rules)]
     if qtype == "count":
         questions, seen = [], set()
-        for attributes in DESCRIPTIONS[:3]:
+        for attributes in rules.counts_by:
             for o in objects:
                 values = values_of(o, attributes)
-                if tuple(values.items()) not in seen and _counts_needing_both(objects, values):
+                if tuple(values.items()) not in seen and _counts_well(objects, values, rules):
                     seen.add(tuple(values.items()))
                     questions.append(count_question(values, objects))
         return questions
-    named = [(o, attrs) for o in objects for attrs in DESCRIPTIONS if describes(objects, o, attrs)]
+    named = [(o, a) for o in objects for a in rules.descriptions if describes(objects, o, a, rules)]
     if qtype == "spatial":
         by_cell = {cell_of(o): o for o in objects}
         questions = []
@@ -335,9 +392,13 @@ def _n_objects(rng: np.random.Generator, limits: tuple[int, int], at_least: int)
     return max(at_least, int(rng.integers(limits[0], limits[1] + 1)))
 
 
-def _referent(rng: np.random.Generator, attributes: Sequence[str], **extra) -> tuple[Spec, list[Spec]]:
-    """A target and one distractor per named attribute, so every word of its description is needed."""
+def _referent(
+    rng: np.random.Generator, attributes: Sequence[str], rules: Rules, **extra
+) -> tuple[Spec, list[Spec]]:
+    """A target and, where ``rules`` need every word, one distractor per named attribute."""
     target = _spec(rng, **extra)
+    if not rules.every_word_needed:
+        return target, []
     values = {name: target[name] for name in attributes}
     return target, [_twin_but(rng, values, name) for name in attributes]
 
@@ -367,53 +428,60 @@ def _place(
     return tuple(placed)
 
 
-def _plant_attribute(qtype: str, attributes: tuple[str, str]):
+def _plant_attribute(qtype: str):
     ask = colour_question if qtype == "colour" else shape_question
 
-    def plant(rng: np.random.Generator, limits) -> Planted | None:
-        target, distractors = _referent(rng, attributes)
+    def plant(rng: np.random.Generator, limits, rules: Rules) -> Planted | None:
+        attributes = rules.colour_by if qtype == "colour" else rules.shape_by
+        target, distractors = _referent(rng, attributes, rules)
         values = {name: target[name] for name in attributes}
         n = _n_objects(rng, limits, 1 + len(distractors))
         objects = _place(rng, [target, *distractors, *_fillers(rng, n - 1 - len(distractors), [values])])
-        return (objects, ask(objects[0])) if describes(objects, objects[0], attributes) else None
+        planted = describes(objects, objects[0], attributes, rules)
+        return (objects, ask(objects[0], rules)) if planted else None
 
     return plant
 
 
-def _plant_number(rng: np.random.Generator, limits) -> Planted | None:
+def _plant_number(rng: np.random.Generator, limits, rules: Rules) -> Planted | None:
     target = _spec(rng, number=True, size="large", shape=_pick(rng, NUMBER_SHAPES))
-    values = {name: target[name] for name in ATTRIBUTES}
-    # The three twins carry numbers too: reading the wrong one of them is the mistake to make.
-    other_shape = _pick(rng, [shape for shape in NUMBER_SHAPES if shape != values["shape"]])
-    distractors = [
-        _twin_but(rng, values, "size", number=True),
-        _twin_but(rng, values, "colour", number=True),
-        _spec(rng, number=True, **{**values, "shape": other_shape}),
-    ]
-    n = _n_objects(rng, limits, 4)
-    objects = _place(rng, [target, *distractors, *_fillers(rng, n - 4, [values])])
-    return (objects, number_question(objects[0])) if describes(objects, objects[0], ATTRIBUTES) else None
+    values = {name: target[name] for name in rules.number_by}
+    distractors = []
+    if rules.every_word_needed:
+        # The three twins carry numbers too: reading the wrong one of them is the mistake to make.
+        other_shape = _pick(rng, [shape for shape in NUMBER_SHAPES if shape != values["shape"]])
+        distractors = [
+            _twin_but(rng, values, "size", number=True),
+            _twin_but(rng, values, "colour", number=True),
+            _spec(rng, number=True, **{**values, "shape": other_shape}),
+        ]
+    n = _n_objects(rng, limits, 1 + len(distractors))
+    objects = _place(rng, [target, *distractors, *_fillers(rng, n - 1 - len(distractors), [values])])
+    planted = describes(objects, objects[0], rules.number_by, rules)
+    return (objects, number_question(objects[0], rules)) if planted else None
 
 
-def _plant_count(rng: np.random.Generator, limits) -> Planted | None:
-    attributes = DESCRIPTIONS[int(rng.integers(3))]
+def _plant_count(rng: np.random.Generator, limits, rules: Rules) -> Planted | None:
+    attributes = rules.counts_by[int(rng.integers(len(rules.counts_by)))]
     first = _spec(rng)
     values = {name: first[name] for name in attributes}
     count = int(rng.integers(1, MAX_COUNT + 1))
     counted = [first, *(_spec(rng, **values) for _ in range(count - 1))]
-    distractors = [
-        _twin_but(rng, values, name) for name in attributes for _ in range(int(rng.integers(1, 3)))
-    ]
+    distractors = []
+    if rules.every_word_needed:
+        distractors = [
+            _twin_but(rng, values, name) for name in attributes for _ in range(int(rng.integers(1, 3)))
+        ]
     n = _n_objects(rng, limits, count + len(distractors))
     specs = [*counted, *distractors, *_fillers(rng, n - count - len(distractors), [values])]
     objects = _place(rng, specs)
-    return (objects, count_question(values, objects)) if _counts_needing_both(objects, values) else None
+    return (objects, count_question(values, objects)) if _counts_well(objects, values, rules) else None
 
 
-def _plant_spatial(rng: np.random.Generator, limits) -> Planted | None:
-    attributes = DESCRIPTIONS[int(rng.integers(len(DESCRIPTIONS)))]
+def _plant_spatial(rng: np.random.Generator, limits, rules: Rules) -> Planted | None:
+    attributes = rules.descriptions[int(rng.integers(len(rules.descriptions)))]
     relation = _pick(rng, NEIGHBOURS)
-    reference, distractors = _referent(rng, attributes)
+    reference, distractors = _referent(rng, attributes, rules)
     values = {name: reference[name] for name in attributes}
     n = _n_objects(rng, limits, 2 + len(distractors))
     fillers = _fillers(rng, n - 1 - len(distractors), [values])
@@ -423,20 +491,22 @@ def _plant_spatial(rng: np.random.Generator, limits) -> Planted | None:
     column, row = int(rng.choice(columns)), int(rng.choice(rows))
     cells = {0: row * GRID_COLUMNS + column, 1: (row + dy) * GRID_COLUMNS + column + dx}
     objects = _place(rng, [reference, fillers[0], *distractors, *fillers[1:]], cells)
-    if not describes(objects, objects[0], attributes):
+    if not describes(objects, objects[0], attributes, rules):
         return None
     return objects, spatial_question(objects[0], attributes, relation, objects[1])
 
 
-def _plant_relation(rng: np.random.Generator, limits) -> Planted | None:
-    a_attrs = DESCRIPTIONS[int(rng.integers(len(DESCRIPTIONS)))]
-    b_attrs = DESCRIPTIONS[int(rng.integers(len(DESCRIPTIONS)))]
-    a, a_distractors = _referent(rng, a_attrs)
-    b, b_distractors = _referent(rng, b_attrs)
+def _plant_relation(rng: np.random.Generator, limits, rules: Rules) -> Planted | None:
+    a_attrs = rules.descriptions[int(rng.integers(len(rules.descriptions)))]
+    b_attrs = rules.descriptions[int(rng.integers(len(rules.descriptions)))]
+    a, a_distractors = _referent(rng, a_attrs, rules)
+    b, b_distractors = _referent(rng, b_attrs, rules)
     avoid = [{k: a[k] for k in a_attrs}, {k: b[k] for k in b_attrs}]
     named = [a, b, *a_distractors, *b_distractors]
     objects = _place(rng, [*named, *_fillers(rng, _n_objects(rng, limits, len(named)) - len(named), avoid)])
-    if not (describes(objects, objects[0], a_attrs) and describes(objects, objects[1], b_attrs)):
+    if not (
+        describes(objects, objects[0], a_attrs, rules) and describes(objects, objects[1], b_attrs, rules)
+    ):
         return None
     axes = [axis for axis, (i, _) in AXES.items() if cell_of(objects[0])[i] != cell_of(objects[1])[i]]
     return objects, relation_question(objects[0], a_attrs, objects[1], b_attrs, _pick(rng, axes))
@@ -451,7 +521,7 @@ def _overlap(objects: Sequence[SceneObject]) -> bool:
     )
 
 
-def _warmup_scene(rng: np.random.Generator, qtype: str, scale: float = 1.0) -> Planted:
+def _warmup_scene(rng: np.random.Generator, qtype: str, rules: Rules, scale: float = 1.0) -> Planted:
     """1-2 random objects, sides times ``scale`` and not overlapping, and a random question of
     ``qtype`` the scene answers (drawn until one does)."""
     while True:
@@ -461,14 +531,14 @@ def _warmup_scene(rng: np.random.Generator, qtype: str, scale: float = 1.0) -> P
         objects = _place(rng, [_spec(rng) for _ in range(n)], scale=scale)
         if _overlap(objects):
             continue
-        questions = scene_questions(objects, qtype)
+        questions = scene_questions(objects, qtype, rules)
         if questions:
             return objects, questions[int(rng.integers(len(questions)))]
 
 
 _PLANT = {
-    "colour": _plant_attribute("colour", ("size", "shape")),
-    "shape": _plant_attribute("shape", ("size", "colour")),
+    "colour": _plant_attribute("colour"),
+    "shape": _plant_attribute("shape"),
     "count": _plant_count,
     "number": _plant_number,
     "spatial": _plant_spatial,

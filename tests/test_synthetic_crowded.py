@@ -1,5 +1,6 @@
 """The ``crowded`` task family (``stitchvlm.shared.synthetic_crowded``): determinism, disjoint splits,
-descriptions that need every word, answers the objects and pixels support, several answer tokens.
+descriptions that name one object (one attribute under the family's rules; under the conjunctive
+rules, with every word needed), answers the objects and pixels support, several answer tokens.
 
 The checks parse the question text themselves and judge it against the object
 list (and, for colours, the rendered pixels), not through the generator's
@@ -38,6 +39,19 @@ def image_hash(example: Example) -> str:
 @pytest.fixture(scope="module")
 def examples() -> list[Example]:
     return dataset("train", 150, family="crowded")
+
+
+@pytest.fixture(scope="module")
+def conjunctive() -> list[Example]:
+    return [crowded.make_example((0, i), "train", rules=crowded.CONJUNCTIVE) for i in range(150)]
+
+
+@pytest.fixture(params=["one-attribute", "conjunctive"])
+def ruled(request, examples, conjunctive) -> tuple[crowded.Rules, list[Example]]:
+    """Both sets of rules with 150 training examples each: the family's and the conjunctive one."""
+    if request.param == "one-attribute":
+        return crowded.ONE_ATTRIBUTE, examples
+    return crowded.CONJUNCTIVE, conjunctive
 
 
 def parse_description(words: list[str]) -> dict[str, str]:
@@ -102,11 +116,15 @@ def test_same_seed_same_example_and_disjoint_splits_and_families(examples):
     with pytest.raises(ValueError, match="unknown task family"):
         make_example(0, "train", family="hard")
     assert FAMILIES == ("basic", "crowded") and make_example(0).family == "basic"
+    assert crowded.RULES is crowded.ONE_ATTRIBUTE and examples[0].question == crowded.make_example(
+        (0, 0), "train", rules=crowded.ONE_ATTRIBUTE
+    ).question
 
 
-def test_examples_are_well_formed(examples):
+def test_examples_are_well_formed(ruled):
     """Guards against a type never drawn, scenes outside 10-20 objects, objects off their cells or
     of the wrong size, and numbers that are not two digits."""
+    _, examples = ruled
     assert {e.qtype for e in examples} == set(crowded.QTYPES) == set(family_qtypes("crowded"))
     for example in examples:
         assert example.image.size == crowded.CANVAS and example.family == "crowded"
@@ -123,10 +141,33 @@ def test_examples_are_well_formed(examples):
             assert obj.digit is None or (len(obj.digit) == 2 and obj.shape in crowded.NUMBER_SHAPES)
 
 
-def test_every_named_object_needs_every_word(examples):
-    """Guards against questions an early layer could answer from one word: each description names
-    exactly one object and drops to several without any one of its words."""
+def test_one_attribute_descriptions_name_one_object(examples):
+    """Guards against an ambiguous question under the family's rules: each description (and each
+    count) is one attribute, and each description names exactly one object of the 10-20."""
+    kinds = set()
     for example in examples:
+        if example.qtype == "count":
+            values = parse_description(example.question.removeprefix("How many ").split()[:-2])
+            assert len(values) == 1, example.question
+            kinds.add(("count", *values))
+            continue
+        descriptions = referents(example)
+        assert len(descriptions) == (2 if example.qtype == "relation" else 1), example.question
+        for values in descriptions:
+            assert len(values) == 1 and len(named(example, values)) == 1, example.question
+            kinds.add((example.qtype, *values))
+    assert {k for k in kinds if k[0] in ("colour", "shape", "number")} == {
+        ("colour", "shape"),
+        ("shape", "colour"),
+        ("number", "shape"),
+    }
+    assert {k[1] for k in kinds if k[0] in ("count", "spatial", "relation")} == {"colour", "shape"}
+
+
+def test_conjunctive_named_objects_need_every_word(conjunctive):
+    """Guards against conjunctive questions an early layer could answer from one word: each
+    description names exactly one object and drops to several without any one of its words."""
+    for example in conjunctive:
         if example.qtype == "count":
             continue
         descriptions = referents(example)
@@ -144,9 +185,10 @@ def dominant_colour(example: Example, box) -> str:
     return list(COLOURS)[int(np.bincount(names).argmax())]
 
 
-def test_answers_follow_from_the_objects_and_pixels(examples):
+def test_answers_follow_from_the_objects_and_pixels(ruled):
     """Guards against wrong answers: colours read from the pixels at the region, shapes, numbers and
     counts from the object list, neighbours from the grid, relations from the centres."""
+    rules, examples = ruled
     for example in examples:
         q, answer = example.qtype, example.answer
         descriptions = referents(example)
@@ -154,7 +196,7 @@ def test_answers_follow_from_the_objects_and_pixels(examples):
             values = parse_description(example.question.removeprefix("How many ").split()[:-2])
             count = len(named(example, values))
             assert str(count) == answer and 1 <= count <= crowded.MAX_COUNT
-            for key in values:  # distractors: more objects without any one of the two words
+            for key in values if rules.every_word_needed else ():  # distractors: more without a word
                 assert len(named(example, {k: v for k, v in values.items() if k != key})) > count
             continue
         (target,) = named(example, descriptions[0])
@@ -164,8 +206,9 @@ def test_answers_follow_from_the_objects_and_pixels(examples):
             assert answer == target.shape and dominant_colour(example, target.box) == target.colour
         elif q == "number":
             assert answer == target.digit and target.size == "large" and len(answer) == 2
-            twins = [o for o in example.objects if o is not target and o.digit is not None]
-            assert len(twins) >= 3  # the objects one word away carry numbers too
+            if rules.every_word_needed:
+                twins = [o for o in example.objects if o is not target and o.digit is not None]
+                assert len(twins) >= 3  # the objects one word away carry numbers too
         elif q == "spatial":
             relation = next(r for r in crowded.NEIGHBOURS if r in example.question)
             dx, dy = crowded.NEIGHBOURS[relation]
@@ -180,12 +223,15 @@ def test_answers_follow_from_the_objects_and_pixels(examples):
                 assert answer == ("above" if target.centre[1] < other.centre[1] else "below")
 
 
-def test_planted_questions_are_scene_questions_and_follow_ups_stay_in_the_family(examples):
+def test_planted_questions_are_scene_questions_and_follow_ups_stay_in_the_family(ruled):
     """Guards against training follow-ups judged by other rules than the planted question, or drawn
     from the basic family."""
+    rules, examples = ruled
     for example in examples[:40]:
-        asked = crowded.scene_questions(example.objects, example.qtype)
+        asked = crowded.scene_questions(example.objects, example.qtype, rules)
         assert Question(example.question, example.answer, example.qtype, example.region) in asked
+        if rules is not crowded.RULES:
+            continue  # follow-ups are the family's: asked by its rules
         follow = more_questions(example, np.random.default_rng(3), 3)
         assert follow == more_questions(example, np.random.default_rng(3), 3)
         assert {f.qtype for f in follow} <= set(crowded.QTYPES) and example.question not in [
@@ -204,7 +250,7 @@ def test_curriculum_levels_only_thin_training_scenes():
         asked = crowded.scene_questions(example.objects, example.qtype)
         assert Question(example.question, example.answer, example.qtype, example.region) in asked
     easy = [make_example((0, i), "train", crowded.WARMUP_LEVEL, "crowded") for i in range(30)]
-    assert max(len(e.objects) for e in easy) <= 9  # 4-6 plus the distractors a question needs
+    assert max(len(e.objects) for e in easy) <= 6  # 4-6 (conjunctive rules add their twins)
     assert min(len(e.objects) for e in easy) >= 4
 
 
