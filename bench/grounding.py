@@ -95,21 +95,24 @@ def token_targets(example: Example, layout: Layout) -> np.ndarray:
     return targets
 
 
-def attribute_loss(logits: Sequence[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+def attribute_loss(
+    logits: Sequence[torch.Tensor], targets: torch.Tensor, background: bool = True
+) -> torch.Tensor:
     """Mean of one cross-entropy per attribute, each over the tokens where it is defined.
 
     logits: colour, ..., digit, each [batch * V, 1 + classes]; targets: [batch, V, attributes].
-    Colour (first) over every token (class 0: background), the middle attributes (shape,
-    size) over the tokens that cover an object, digit (last) over those whose object carries
-    a digit. Averaged over all tokens
+    Colour (first) over every token (class 0: background) when ``background``, else over
+    the tokens that cover an object like the middle attributes (shape, size); digit (last)
+    over those whose object carries a digit. Averaged over all tokens
     instead, background (about 90% of them) would drown the digits, and the models
     never learned to read them.
     """
     targets = targets.reshape(-1, targets.shape[-1])  # [batch * V, 3]
     last = targets.shape[-1] - 1  # the digit column
     on_object, on_digit = targets[:, 0] > 0, targets[:, last] > 0  # [batch * V]
-    losses = [nn.functional.cross_entropy(logits[0], targets[:, 0])]
-    for i, where in [*((i, on_object) for i in range(1, last)), (last, on_digit)]:
+    losses = [nn.functional.cross_entropy(logits[0], targets[:, 0])] if background else []
+    on_objects = range(1 if background else 0, last)  # the attributes scored where an object is
+    for i, where in [*((i, on_object) for i in on_objects), (last, on_digit)]:
         if where.any():
             losses.append(nn.functional.cross_entropy(logits[i][where], targets[where, i]))
     return torch.stack(losses).mean()

@@ -54,7 +54,7 @@ FAMILY_DATA = {
     "crowded": [
         "- 448 x 224 images of 10-20 objects (7 colours, 7 shapes, two sizes: small 24-30 px, large",
         "  44-50 px; roomy shapes may hold a printed two-digit number), one per cell of an 8 x 4 grid of",
-        "  56 px cells, each object on a 2 x 2 block of visual tokens",
+        "  56 px cells, each object on a 2 x 2 block of visual tokens, on a textured grey background",
         "- every object a question names is named by one attribute (its colour or its shape) that no",
         "  other object in the scene has (`ONE_ATTRIBUTE` rules); answers are one word, a two-digit",
         "  number, a count (1-5) or two words (`shared/synthetic_crowded.py`)",
@@ -189,6 +189,8 @@ def _auxiliary_losses(family: str) -> list[str]:
         ]
     return [
         *grounding,
+        "  (colour, like the other attributes, only on tokens that cover an object: background tokens are",
+        "  not all pulled towards one direction)",
         "- no early-answer loss (it would move the answer into the question's text positions in the",
         "  first layers, a shortcut of where attention goes)",
     ]

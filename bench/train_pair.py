@@ -335,9 +335,11 @@ def training_losses(
     tap: ProjectorTap,
     batch: dict[str, torch.Tensor],
     early_answer: bool = True,
+    ground_background: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """The losses of one batch (answers, early answers unless ``early_answer`` is off, grounding;
-    ``TrainConfig`` weighs them) and the grounding heads' accuracies, for the progress line."""
+    """The losses of one batch (answers, early answers unless ``early_answer`` is off, grounding,
+    whose colour term covers background tokens when ``ground_background``; ``TrainConfig`` weighs
+    them) and the grounding heads' accuracies, for the progress line."""
     batch = dict(batch)
     targets = batch.pop("token_targets")  # [batch, V, 3]
     early = batch.pop("early_answers")  # [n, 3]: row, position, answer's first id
@@ -347,7 +349,7 @@ def training_losses(
     if early_answer:
         early_logits = output.logits[early[:, 0], early[:, 1]]  # [n, vocab]
         losses["early"] = torch.nn.functional.cross_entropy(early_logits, early[:, 2])
-    losses["grounding"] = attribute_loss(grounding_logits, targets)
+    losses["grounding"] = attribute_loss(grounding_logits, targets, background=ground_background)
     with torch.no_grad():
         return losses, attribute_accuracy(grounding_logits, targets)
 
@@ -467,7 +469,11 @@ def train_step(model, heads, tap, trained, optimizer, files, config, step, devic
     batch = {key: value.to(device) for key, value in batch.items()}
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(step, config)
-    losses, accuracies = training_losses(model, heads, tap, batch, early_answer=config.early_answer > 0)
+    # Crowded: colour grounded on object tokens only, so that background tokens (textured) are not
+    # all trained towards one "background" direction, a ready-made attention sink.
+    losses, accuracies = training_losses(
+        model, heads, tap, batch, config.early_answer > 0, ground_background=config.family == "basic"
+    )
     total = losses["answer"]
     if config.early_answer:  # the same sum, in the same order, as before the weight could be 0
         total = total + config.early_answer * losses["early"]

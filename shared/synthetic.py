@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -467,11 +467,17 @@ def render(
     objects: Sequence[SceneObject],
     rng: np.random.Generator,
     canvas: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE),
+    texture: Callable[[np.random.Generator, tuple[int, int]], np.ndarray] | None = None,
 ) -> Image.Image:
-    """Draw ``objects`` on a light background of ``canvas`` (width, height) px with slightly jittered colours."""
+    """Draw ``objects`` on a light background of ``canvas`` (width, height) px with slightly jittered colours.
+
+    ``texture``: when given, called as ``texture(rng, canvas)`` after the objects are drawn; its
+    ``[height, width]`` grey-level offsets are added to the pixels no object covers.
+    """
     level = int(rng.integers(228, 250))
     image = Image.new("RGB", canvas, (level, level, level))
     draw = ImageDraw.Draw(image)
+    covered = Image.new("L", canvas, 0) if texture is not None else None
     for obj in objects:
         base = np.array(COLOURS[obj.colour])
         rgb = tuple(
@@ -480,7 +486,16 @@ def render(
         _draw_shape(draw, obj.shape, obj.box, rgb)
         if obj.digit is not None:
             _draw_digit(draw, obj, rgb)
-    return image
+        if covered is not None:  # the object's pixels, its digit's included (it can reach past the shape)
+            _draw_shape(ImageDraw.Draw(covered), obj.shape, obj.box, 255)
+            if obj.digit is not None:
+                _draw_digit(ImageDraw.Draw(covered), obj, rgb, ink=255)
+    if texture is None:
+        return image
+    pixels = np.asarray(image).astype(np.float32)
+    background = np.asarray(covered) == 0
+    pixels[background] += texture(rng, canvas)[background][:, None]
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], rgb) -> None:
@@ -512,10 +527,10 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int,
         raise ValueError(f"unknown shape {shape!r}")
 
 
-def _draw_digit(draw: ImageDraw.ImageDraw, obj: SceneObject, rgb) -> None:
+def _draw_digit(draw: ImageDraw.ImageDraw, obj: SceneObject, rgb, ink=None) -> None:
     # White on dark fills, black on light ones (yellow, orange), so the digit always shows.
     luminance = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
-    ink = (0, 0, 0) if luminance > 140 else (255, 255, 255)
+    ink = ink if ink is not None else (0, 0, 0) if luminance > 140 else (255, 255, 255)
     size = obj.box[2] - obj.box[0]
     scale = 0.55 if len(obj.digit) == 1 else 0.42  # two digits (the crowded family's numbers) side by side
     draw.text(obj.centre, obj.digit, fill=ink, font=_font(int(size * scale)), anchor="mm")

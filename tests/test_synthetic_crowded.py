@@ -116,9 +116,11 @@ def test_same_seed_same_example_and_disjoint_splits_and_families(examples):
     with pytest.raises(ValueError, match="unknown task family"):
         make_example(0, "train", family="hard")
     assert FAMILIES == ("basic", "crowded") and make_example(0).family == "basic"
-    assert crowded.RULES is crowded.ONE_ATTRIBUTE and examples[0].question == crowded.make_example(
-        (0, 0), "train", rules=crowded.ONE_ATTRIBUTE
-    ).question
+    assert (
+        crowded.RULES is crowded.ONE_ATTRIBUTE
+        and examples[0].question
+        == crowded.make_example((0, 0), "train", rules=crowded.ONE_ATTRIBUTE).question
+    )
 
 
 def test_examples_are_well_formed(ruled):
@@ -265,7 +267,9 @@ def test_warmup_objects_start_big_and_shrink_to_standard_size():
         for i in range(40):
             example = make_example((1, i), "train", level, "crowded")
             sides = [o.box[2] - o.box[0] for o in example.objects]
-            expected = scale if example.qtype in crowded.SCALED_QTYPES and level < crowded.WARMUP_LEVEL else 1.0
+            expected = (
+                scale if example.qtype in crowded.SCALED_QTYPES and level < crowded.WARMUP_LEVEL else 1.0
+            )
             assert all(round(lo * expected) <= side <= round(hi * expected) for side in sides), (level, sides)
             for o in example.objects:
                 assert min(o.box[:2]) >= 0
@@ -290,3 +294,29 @@ def test_answers_take_several_tokens_and_images_many_visual_tokens():
     layout = compute_layout(*crowded.CANVAS, tiling)
     assert (layout.grid_columns, layout.grid_rows, layout.num_tiles) == (2, 1, 3)
     assert layout.num_visual_tokens == 192
+
+
+def test_the_background_is_textured_and_objects_keep_their_pixels():
+    """Guards against a flat background (every background token the same: a ready-made attention sink
+    that the score A ranks first) and against a texture painted over objects or their numbers."""
+    from stitchvlm.shared.synthetic import render
+
+    example = next(e for e in dataset("test", 20, family="crowded") if any(o.digit for o in e.objects))
+    flat = np.asarray(render(example.objects, np.random.default_rng(1), crowded.CANVAS)).astype(int)
+    textured = render(example.objects, np.random.default_rng(1), crowded.CANVAS, crowded.background_texture)
+    textured = np.asarray(textured).astype(int)
+    level = flat[0, 0]  # the flat background's grey (no object reaches the corner at level 1)
+    drawn = np.abs(flat - level).sum(axis=-1) > 0  # every pixel an object or its number changed
+    assert (textured[drawn] == flat[drawn]).all()
+    offset = (textured - level)[~drawn].astype(float)  # [pixels, 3], grey: the channels agree
+    assert (offset[:, 0] == offset[:, 2]).all()
+    limit = crowded.BACKGROUND_TEXTURE + crowded._PIXEL_NOISE
+    assert np.abs(offset).max() <= limit + 1 and 8 < offset.std() < limit
+    residual = (textured - level)[..., 0].astype(float)
+    residual[drawn] = np.nan
+    right = residual[:, :-1], residual[:, 1:]
+    both = ~np.isnan(right[0]) & ~np.isnan(right[1])
+    assert np.corrcoef(right[0][both], right[1][both])[0, 1] > 0.5  # smooth, not only pixel noise
+    # and the family's images are drawn that way: the top row (background only: objects start at y >= 1)
+    rows = [np.asarray(e.image)[0].astype(float).std() for e in dataset("test", 10, family="crowded")]
+    assert min(rows) > 4.0

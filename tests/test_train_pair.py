@@ -215,6 +215,52 @@ def test_crowded_grounding_targets_put_the_tens_left_and_the_units_right():
     assert numbers_seen > 0
 
 
+def test_grounding_loss_scores_colour_on_background_only_when_asked(monkeypatch):
+    """Guards against the crowded family's grounding pulling every background token towards one
+    "background" colour (a ready-made attention sink) or the basic family's losing that term:
+    against cross-entropies computed here in numpy."""
+    rng = np.random.default_rng(0)
+    classes = [8, 8, 3, 11]  # colour, shape, size, digit: 1 + classes each (0: background / none)
+    n = 40
+    targets = np.zeros((n, 4), dtype=np.int64)
+    objects = rng.random(n) < 0.5
+    for i, c in enumerate(classes[:3]):
+        targets[objects, i] = rng.integers(1, c, objects.sum())
+    digits = objects & (rng.random(n) < 0.5)
+    targets[digits, 3] = rng.integers(1, classes[3], digits.sum())
+    logits = [rng.normal(size=(n, c)) for c in classes]
+
+    def cross_entropy(z, y):
+        z = z - z.max(axis=1, keepdims=True)
+        return float(np.mean(np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(y)), y]))
+
+    where = [objects, objects, objects, digits]
+    on_objects = [cross_entropy(z[w], t[w]) for z, t, w in zip(logits, targets.T, where, strict=True)]
+    everywhere = [cross_entropy(logits[0], targets[:, 0]), *on_objects[1:]]
+    as_torch = [torch.from_numpy(z) for z in logits], torch.from_numpy(targets)[None]
+    with_background = grounding.attribute_loss(*as_torch).item()
+    without = grounding.attribute_loss(*as_torch, background=False).item()
+    assert with_background == pytest.approx(np.mean(everywhere), rel=1e-9)
+    assert without == pytest.approx(np.mean(on_objects), rel=1e-9)
+    calls = []
+
+    def record(*args, ground_background, **kwargs):
+        calls.append(ground_background)
+        raise StopIteration  # the step's batch and flags are all this test needs
+
+    batch = {"input_ids": torch.zeros(1, 1, dtype=torch.long)}
+    monkeypatch.setattr(train_pair, "training_losses", record)
+    monkeypatch.setattr(train_pair, "training_batch", lambda files, config, step: batch)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    for family in ("basic", "crowded"):
+        config = train_pair.TrainConfig(
+            steps=1, family=family, early_answer=1.0 if family == "basic" else 0.0
+        )
+        with pytest.raises(StopIteration):
+            train_pair.train_step(None, None, None, None, optimizer, None, config, 0, "cpu", None)
+    assert calls == [True, False]
+
+
 def test_the_crowded_family_refuses_the_early_answer_loss():
     """Guards against training the crowded pair with the loss that moves answers into the question's
     text positions (issue 12: it lets late layers ignore the image, so pruning can never hurt)."""
