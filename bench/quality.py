@@ -38,7 +38,11 @@ process:
   each method's top-r set with the oracle's (share of the oracle's k tokens it
   also keeps) and the Spearman rank correlation of its scores with the
   oracle's over all |V| tokens (``overlap_<method>_<p>``,
-  ``spearman_<method>_<p>``).
+  ``spearman_<method>_<p>``); and, against the scene itself rather than a
+  model, the share of the visual tokens under the question's region (the
+  object or objects its answer is read from) that the top-r set keeps, for
+  these methods and the oracle (``region_<method>_<p>``; random keeps k / |V|
+  of them on average).
 - **SEE cascade**: for every threshold tau (each distinct gate value, so the
   sweep is exact), exit rate = share with ``gate >= tau``; cascade accuracy =
   the small model's answer when it exits, else large + sgp at
@@ -102,7 +106,7 @@ from stitchvlm.edge.demo import (
 from stitchvlm.edge.gate import DEFAULT_CONSISTENCY_RETENTION, consistency_probs
 from stitchvlm.edge.runtime import CPU, EdgeGeneration, EdgeModel
 from stitchvlm.shared.model_files import ModelFiles
-from stitchvlm.shared.preprocess import preprocess_image
+from stitchvlm.shared.preprocess import compute_layout, preprocess_image, token_regions
 from stitchvlm.shared.prompt import PromptIds, build_prompt, decode_answer
 from stitchvlm.shared.scoring import confidence_score, consistency_score, keep_count, top_r_indices
 from stitchvlm.shared.synthetic import (
@@ -209,6 +213,23 @@ def top_overlap(scores: np.ndarray, reference: np.ndarray, retention: float) -> 
     """Share of ``reference``'s top-R set (DESIGN's selection) that ``scores``' top-R set also holds."""
     kept, wanted = top_r_indices(scores, retention), top_r_indices(reference, retention)
     return len(np.intersect1d(kept, wanted)) / len(wanted)
+
+
+def region_mask(example: Example, tiling) -> np.ndarray:
+    """[|V|] bool: the visual tokens whose image box overlaps the question's region (``example.region``)."""
+    width, height = example.image.size
+    boxes = token_regions(compute_layout(width, height, tiling), width, height)  # [V, 4]
+    x0, y0, x1, y1 = example.region
+    return (np.minimum(boxes[:, 2], x1) > np.maximum(boxes[:, 0], x0)) & (
+        np.minimum(boxes[:, 3], y1) > np.maximum(boxes[:, 1], y0)
+    )
+
+
+def region_recall(scores: np.ndarray, inside: np.ndarray, retention: float) -> float:
+    """Share of the ``inside`` tokens [|V|] that ``scores``' top-R set keeps; nan when none is inside."""
+    if not inside.any():
+        return float("nan")
+    return float(inside[top_r_indices(scores, retention)].sum() / inside.sum())
 
 
 def standard_error(correct: np.ndarray) -> float:
@@ -407,6 +428,7 @@ def evaluate_example(
             ids = large.generate(inp, keep, config.max_new_tokens, k0=method == "sgp_k0")
             answers[key(method, retention)] = decode_answer(large.files, ids)
     ranking = {}
+    inside = region_mask(example, large.files.tiling)
     for point, (_, retention) in PAPER_POINTS.items():
         layer = large.paper_layers[point]
         at_point = {**ranked, "fastv": large.fastv_at(inp, attentions, layer)}
@@ -418,6 +440,8 @@ def evaluate_example(
         for method in RANKED_METHODS:
             ranking[f"overlap_{method}_{point}"] = top_overlap(at_point[method], oracle, retention)
             ranking[f"spearman_{method}_{point}"] = spearman(at_point[method], oracle)
+        for method in (*RANKED_METHODS, "oracle"):
+            ranking[f"region_{method}_{point}"] = region_recall(at_point[method], inside, retention)
     return {
         "index": index,
         "qtype": example.qtype,

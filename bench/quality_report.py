@@ -162,6 +162,22 @@ def paper_markdown(summary: dict, config: QualityConfig) -> list[str]:
             o, r = ranking[f"overlap_{method}_{p}"], ranking[f"spearman_{method}_{p}"]
             cells.append(f"{o['mean']:.3f} ± {o['se']:.3f} / {r['mean']:.3f} ± {r['se']:.3f}")
         lines.append(f"| {PAPER_METHODS[method]} | " + " | ".join(cells) + " |")
+    if any(name.startswith("region_") for name in ranking):
+        lines += [
+            "",
+            "Against the scene: share of the visual tokens under the question's region (the object or "
+            "objects its answer is read from) that the top-r set keeps, mean ± standard error (random "
+            "keeps k / |V| of them on average).",
+            "",
+            "| kept tokens chosen by | " + " | ".join(points) + " |",
+            "| --- | " + " | ".join("---:" for _ in points) + " |",
+        ]
+        for method in (*RANKED_METHODS, "oracle"):
+            cells = [
+                f"{ranking[f'region_{method}_{p}']['mean']:.3f} ± {ranking[f'region_{method}_{p}']['se']:.3f}"
+                for p in points
+            ]
+            lines.append(f"| {PAPER_METHODS[method]} | " + " | ".join(cells) + " |")
     lines.append("")
     for p, d in summary["paired"].items():
         relation = (

@@ -163,6 +163,25 @@ def test_spearman_and_overlap_on_hand_numbers():
     assert quality.standard_error(np.array([1, 0, 1, 0])) == pytest.approx(0.25)
 
 
+def test_region_tokens_and_their_recall_on_a_hand_worked_layout():
+    """Guards against the scene-based ranking check naming the wrong tokens (tile order, the
+    thumbnail's coarser raster, boxes that only touch) or dividing by the wrong count: an object in
+    grid cell (1, 0) of a 448 x 224 crowded image, worked out by hand."""
+    from dataclasses import replace
+
+    from pair_presets import CROWDED_TILING
+
+    example = replace(dataset("test", 1, family="crowded")[0], region=(56, 0, 112, 56))
+    inside = quality.region_mask(example, CROWDED_TILING)
+    # tile 0 (x 0-224): 8 x 8 tokens of 28 px, rows 0-1 and columns 2-3 -> 2, 3, 10, 11; tile 1 none;
+    # the thumbnail (tokens 128-191) spans the whole image, 56 x 28 px a token: column 1, rows 0-1
+    assert np.flatnonzero(inside).tolist() == [2, 3, 10, 11, 129, 137]
+    scores = np.zeros(192)
+    scores[[3, 137, 40, 41]] = [4.0, 3.0, 2.0, 1.0]  # top 2%: k = 3 -> tokens 3, 137, 40
+    assert quality.region_recall(scores, inside, 0.02) == pytest.approx(2 / 6)
+    assert np.isnan(quality.region_recall(scores, np.zeros(192, bool), 0.02))
+
+
 # ----------------------------------------------------------------------------- rankings vs transformers
 
 
@@ -251,6 +270,7 @@ def test_quality_end_to_end_on_tiny_checkpoints(family, n, tiny_checkpoint, tiny
     required = {"large", "small", "sgp_r9", "fastv_r9", "random_r9", "sgp_r35", "exit_rate_at_1pt"}
     required |= {"sgp_p9", "fastv_p9", "random_p9", "oracle_p9", "sgp_p35", "sgp_p64"}
     required |= {"overlap_sgp_p9", "overlap_fastv_p9", "overlap_random_p9", "spearman_sgp_p9"}
+    required |= {f"region_{m}_p9" for m in ("sgp", "fastv", "random", "oracle")}
     assert required <= headline.keys()
     for method in quality.PRUNED_METHODS:
         for retention in quality.RETENTIONS:
@@ -262,6 +282,7 @@ def test_quality_end_to_end_on_tiny_checkpoints(family, n, tiny_checkpoint, tiny
         for point in quality.PAPER_POINTS:
             assert 0.0 <= headline[f"overlap_{method}_{point}"] <= 1.0
             assert -1.0 <= headline[f"spearman_{method}_{point}"] <= 1.0
+            assert 0.0 <= headline[f"region_{method}_{point}"] <= 1.0
     # tiny-large has 6 layers: K = max(1, round(6 * f)) = 1, 1, 2 for f = 2/48, 9/48, 19/48
     assert [headline[f"layer_{p}"] for p in quality.PAPER_POINTS] == [1, 1, 2]
     assert 0 < headline["flop_ratio_p9"] < headline["flop_ratio_p35"] < headline["flop_ratio_p64"] < 1
