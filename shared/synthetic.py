@@ -31,7 +31,8 @@ Two task families, chosen by name (``FAMILIES``, the ``family`` argument of
 (the above, the default, what the embedded pair and the demo use) and
 ``crowded`` (``synthetic_crowded``: 10-20 objects of two sizes on a 448 x 224
 canvas, questions that name one object of many by an attribute no other has
-(or, under its conjunctive rules, by a conjunction), answers of several tokens). Each family salts its splits with its own keys.
+(or, under its conjunctive rules, by a conjunction), answers of several
+tokens). Each family salts its splits with its own keys.
 
 Not here: tokenization, tiling, or model inputs (``prompt`` and ``preprocess``).
 """
@@ -477,7 +478,8 @@ def render(
     level = int(rng.integers(228, 250))
     image = Image.new("RGB", canvas, (level, level, level))
     draw = ImageDraw.Draw(image)
-    covered = Image.new("L", canvas, 0) if texture is not None else None
+    covered = Image.new("L", canvas, 0) if texture is not None else None  # 255 where an object is
+    mark = ImageDraw.Draw(covered) if covered is not None else None
     for obj in objects:
         base = np.array(COLOURS[obj.colour])
         rgb = tuple(
@@ -486,10 +488,10 @@ def render(
         _draw_shape(draw, obj.shape, obj.box, rgb)
         if obj.digit is not None:
             _draw_digit(draw, obj, rgb)
-        if covered is not None:  # the object's pixels, its digit's included (it can reach past the shape)
-            _draw_shape(ImageDraw.Draw(covered), obj.shape, obj.box, 255)
+        if mark is not None:  # the object's pixels, its digit's included (it can reach past the shape)
+            _draw_shape(mark, obj.shape, obj.box, 255)
             if obj.digit is not None:
-                _draw_digit(ImageDraw.Draw(covered), obj, rgb, ink=255)
+                _draw_digit(mark, obj, rgb, ink=255)
     if texture is None:
         return image
     pixels = np.asarray(image).astype(np.float32)
