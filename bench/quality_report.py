@@ -120,6 +120,17 @@ def with_se(summary: dict, name: str) -> str:
     return f"{pct(acc[name])} ± {100 * summary['stderr'][name]:.1f}{share}"
 
 
+def _captioned_head(caption: str, first: str, points, align: str) -> list[str]:
+    """A blank line, ``caption``, a blank line and the head of a table with a column per point."""
+    return [
+        "",
+        caption,
+        "",
+        f"| {first} | " + " | ".join(points) + " |",
+        "| --- | " + " | ".join(align for _ in points) + " |",
+    ]
+
+
 def paper_markdown(summary: dict, config: QualityConfig) -> list[str]:
     """The paper's operating points: accuracy ± standard error, ranking agreement, SGP - FastV."""
     points = summary["points"]
@@ -146,15 +157,14 @@ def paper_markdown(summary: dict, config: QualityConfig) -> list[str]:
     ]
     for method, label in PAPER_METHODS.items():
         lines.append(f"| {label} | " + " | ".join(with_se(summary, f"{method}_{p}") for p in points) + " |")
-    lines += [
-        "",
+    lines += _captioned_head(
         "Ranking agreement with the oracle (the large model's own A): overlap of the top-r sets "
         "(share of the oracle's k tokens also kept) / Spearman rank correlation over all |V| tokens, "
         "mean ± standard error over examples.",
-        "",
-        "| ranking | " + " | ".join(points) + " |",
-        "| --- | " + " | ".join("---" for _ in points) + " |",
-    ]
+        "ranking",
+        points,
+        "---",
+    )
     ranking = summary["ranking"]
     for method in RANKED_METHODS:
         cells = []
@@ -163,15 +173,14 @@ def paper_markdown(summary: dict, config: QualityConfig) -> list[str]:
             cells.append(f"{o['mean']:.3f} ± {o['se']:.3f} / {r['mean']:.3f} ± {r['se']:.3f}")
         lines.append(f"| {PAPER_METHODS[method]} | " + " | ".join(cells) + " |")
     if any(name.startswith("region_") for name in ranking):
-        lines += [
-            "",
+        lines += _captioned_head(
             "Against the scene: share of the visual tokens under the question's region (the object or "
             "objects its answer is read from) that the top-r set keeps, mean ± standard error (random "
             "keeps k / |V| of them on average).",
-            "",
-            "| kept tokens chosen by | " + " | ".join(points) + " |",
-            "| --- | " + " | ".join("---:" for _ in points) + " |",
-        ]
+            "kept tokens chosen by",
+            points,
+            "---:",
+        )
         for method in (*RANKED_METHODS, "oracle"):
             cells = [
                 f"{ranking[f'region_{method}_{p}']['mean']:.3f} ± {ranking[f'region_{method}_{p}']['se']:.3f}"
