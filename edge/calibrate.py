@@ -187,7 +187,10 @@ def read_calibration(path: Path) -> Calibration | None:
         path = path / CALIBRATION_FILE
     if not path.is_file():
         return None
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:  # a file cut short or edited by hand
+        raise ValueError(f"{path}: not valid JSON ({error})") from error
     try:
         rows = [SweepRow(**row) for row in data["sweep"]]
         return Calibration(**{**data, "chosen": SweepRow(**data["chosen"]), "sweep": rows})

@@ -23,7 +23,7 @@ export directory that does not load, or an image/prompt the model refuses.
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import contextlib
 import json
 import os
 import sys
@@ -33,7 +33,7 @@ from pathlib import Path
 from stitchvlm.shared.token_file import read_token_file
 
 from . import calibrate
-from .calibrate import CALIBRATION_FILE, read_calibration
+from .calibrate import CALIBRATION_FILE, Calibration, read_calibration
 from .cloud_client import CloudError, GrpcCloudClient
 from .gate import DEFAULT_CONSISTENCY_RETENTION, DEFAULT_TAU
 from .loadtest import load_questions
@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> CascadeConfig:
+def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, tau: float) -> CascadeConfig:
     """Check files and values; exit 2 through ``parser.error`` when wrong."""
     if not args.model.is_dir():
         parser.error(f"--model {args.model}: no such directory")
@@ -184,7 +184,7 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
             parser.error(f"--auth-token-file {args.auth_token_file}: {error}")
     try:
         return CascadeConfig(
-            tau=default_tau(args.model) if getattr(args, "tau", None) is None else args.tau,
+            tau=tau,
             retention=args.retention,
             consistency_retention=args.consistency_retention,
             max_new_tokens=args.max_new_tokens,
@@ -254,17 +254,20 @@ def summary(result: Result) -> str:
     return "\n".join(lines)
 
 
-def default_tau(model_dir: Path) -> float:
-    """The export's calibrated tau when ``stitch-edge calibrate`` wrote one, else DEFAULT_TAU."""
-    calibration = read_calibration(model_dir)
-    return calibration.tau if calibration is not None else DEFAULT_TAU
-
-
-def warn_if_calibrated_otherwise(args: argparse.Namespace, config: CascadeConfig, model: EdgeModel) -> None:
-    """On stderr, when tau comes from the export's calibration and this run computes S otherwise."""
+def calibration_of(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Calibration | None:
+    """The export's calibration, read once, when ``--tau`` is not given (None when there is none)."""
     if args.tau is not None:
-        return
-    calibration = read_calibration(args.model)
+        return None
+    try:
+        return read_calibration(args.model)
+    except ValueError as error:  # unreadable JSON or not a calibration: recalibrate, or give --tau
+        parser.error(f"{error}: run stitch-edge calibrate again, or give --tau")
+
+
+def warn_if_calibrated_otherwise(
+    calibration: Calibration | None, config: CascadeConfig, model: EdgeModel
+) -> None:
+    """On stderr, when tau comes from the export's calibration and this run computes S otherwise."""
     changed = calibrate.differences(calibration, calibrate.settings_of(config, model)) if calibration else []
     if changed:
         print(
@@ -275,9 +278,11 @@ def warn_if_calibrated_otherwise(args: argparse.Namespace, config: CascadeConfig
         )
 
 
-def open_model_and_cloud(
-    parser: argparse.ArgumentParser, args: argparse.Namespace
-) -> tuple[EdgeModel, GrpcCloudClient | None]:
+@contextlib.contextmanager
+def open_cascade(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, config: CascadeConfig
+) -> Iterator[Cascade]:
+    """The export and the cloud client the flags name, as a ``Cascade``; the client is closed on exit."""
     try:
         model = EdgeModel.load(args.model, providers=[CPU] if args.cpu else None)
     except (FileNotFoundError, ValueError) as error:
@@ -293,14 +298,20 @@ def open_model_and_cloud(
             cloud = GrpcCloudClient(args.cloud, tls_root_cert=root_cert, auth_token=args.auth_token)
         except ValueError as error:  # a malformed or unresolvable replica list
             parser.error(f"--cloud {args.cloud}: {error}")
-    return model, cloud
+    try:
+        with Cascade(model, cloud, config) as cascade:
+            yield cascade
+    finally:
+        if cloud is not None:  # given to the Cascade, not made by it: closed here
+            cloud.close()
 
 
 def run_ask(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    config = config_from_args(parser, args)
-    model, cloud = open_model_and_cloud(parser, args)
-    warn_if_calibrated_otherwise(args, config, model)
-    with Cascade(model, cloud, config) as cascade:
+    calibration = calibration_of(parser, args)
+    tau = args.tau if args.tau is not None else calibration.tau if calibration is not None else DEFAULT_TAU
+    config = config_from_args(parser, args, tau)
+    with open_cascade(parser, args, config) as cascade:
+        warn_if_calibrated_otherwise(calibration, config, cascade.model)
         try:
             result = stream_answer(cascade, args) if args.stream else cascade.ask(args.image, args.prompt)
         except (ValueError, FileNotFoundError) as error:
@@ -308,9 +319,6 @@ def run_ask(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         except CloudError as error:
             print(f"stitch-edge: cloud failed: {error}", file=sys.stderr)
             return EXIT_CLOUD_FAILED
-        finally:
-            if cloud is not None:
-                cloud.close()
     print(json.dumps(result_json(result), allow_nan=False) if args.json else summary(result))
     return EXIT_OK
 
@@ -330,7 +338,8 @@ def run_calibrate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     """Observe every question once (the cloud asked for each), sweep tau, pick, print, save."""
     if args.n < 1:
         parser.error("-n must be >= 1")
-    config = dataclasses.replace(config_from_args(parser, args), tau=calibrate.NEVER_EXIT)
+    # tau never exits while observing; the old calibration (if any, even a corrupt one) is not read: it is replaced
+    config = config_from_args(parser, args, calibrate.NEVER_EXIT)
     target, value = next(
         (name, getattr(args, f"target_{name}"))
         for name in ("exit_rate", "agreement", "accuracy")
@@ -342,8 +351,8 @@ def run_calibrate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error(f"--questions {args.questions}: {error}")
     if args.cloud is None and target != "exit_rate":
         parser.error(f"--target-{target.replace('_', '-')} needs --cloud (the cloud's answers)")
-    model, cloud = open_model_and_cloud(parser, args)
-    with Cascade(model, cloud, config) as cascade:
+    with open_cascade(parser, args, config) as cascade:
+        model = cascade.model
         try:
             observations = calibrate.observe(
                 cascade, ((q.image, q.prompt, q.answer) for q in progress_of(questions))
@@ -351,9 +360,6 @@ def run_calibrate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         except CloudError as error:
             print(f"stitch-edge: cloud failed: {error}", file=sys.stderr)
             return EXIT_CLOUD_FAILED
-        finally:
-            if cloud is not None:
-                cloud.close()
     rows = calibrate.sweep(observations)
     try:
         chosen = calibrate.pick(rows, target, value)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 
@@ -165,3 +166,26 @@ def test_older_calibration_files_read_without_the_s_settings(tmp_path):
     assert calibrate.differences(loaded, now) == []
     recorded = dataclasses.replace(loaded, consistency_retention=0.35, max_new_tokens=32, max_tiles=2)
     assert calibrate.differences(recorded, now) == ["--max-new-tokens: calibrated 32, now 8"]
+
+
+def test_a_corrupt_calibration_file_stops_ask_with_its_name_and_calibrate_replaces_it(pair, tmp_path, capsys):
+    """``ask`` without --tau exits 2 naming the file; with --tau it runs; ``calibrate`` overwrites it."""
+    edge_dir = tmp_path / "edge"
+    shutil.copytree(pair[0], edge_dir)
+    bad = edge_dir / calibrate.CALIBRATION_FILE
+    bad.write_text('{"tau": 0.5, "sweep": [')  # cut short
+    image = tmp_path / "q.png"
+    image.write_bytes(load_questions("synthetic:test", 1)[0].image)
+    ask = ["ask", "--model", str(edge_dir), "--image", str(image), "--prompt", "What colour?", "--cpu"]
+    with pytest.raises(SystemExit) as stopped:
+        edge_main(ask)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert calibrate.CALIBRATION_FILE in err and "--tau" in err
+    assert (
+        edge_main([*ask, "--tau", "0", "--max-new-tokens", "4"]) == 0
+    )  # tau 0: always exits, no cloud needed
+    capsys.readouterr()
+    cal = ["calibrate", "--model", str(edge_dir), "--questions", "synthetic:val", "-n", "4", "--cpu"]
+    assert edge_main([*cal, "--target-exit-rate", "0.5", "--max-new-tokens", "4"]) == 0
+    assert calibrate.read_calibration(edge_dir).questions == 4
