@@ -226,7 +226,10 @@ def _model_row(name: str, r: dict) -> str:
     if "config" not in s:  # --reuse: trained by an earlier run whose figures are not recorded here
         return f"{sizes} | — | — | — | — | — | {r['checkpoint_mb']:.1f} MB |"
     c = s["config"]
+    steps, lr = s["steps"], f"{c['lr']:g}"
+    if c.get("extra_steps"):  # a warm restart after the first schedule (train_pair --extra-steps)
+        steps, lr = f"{c['steps']} + {c['extra_steps']}", f"{lr}, then {c['extra_lr']:g}"
     return (
-        f"{sizes} | {s['steps']} x {s['batch']} x {c['questions']} | {c['lr']:g} | {c['curriculum']:g} "
+        f"{sizes} | {steps} x {s['batch']} x {c['questions']} | {lr} | {c['curriculum']:g} "
         f"| {s['train_seconds'] / 60:.1f} min | {s['samples_per_second']:.1f} | {r['checkpoint_mb']:.1f} MB |"
     )

@@ -32,7 +32,10 @@ Training is resumable: every ``--checkpoint-every`` steps (and at the end) the
 model, grounding heads, optimizer, step, running means and history go to
 ``<checkpoint-dir>/<name>.pt`` (written whole, then renamed); ``--resume``
 continues from there, and a resumed run ends with the weights of an
-uninterrupted one (same device and thread count).
+uninterrupted one (same device and thread count). ``--extra-steps N`` adds a
+warm restart after the schedule (warmup to ``--extra-lr``, cosine down again,
+scenes at full difficulty, new training images): with ``--resume`` it extends
+a run that trained without it, from its checkpoint.
 
 It does not export ONNX or tune thresholds.
 """
@@ -48,7 +51,7 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -141,10 +144,22 @@ class TrainConfig:
     # through separate linear heads (GroundingHeads).
     tied_grounding: bool = True
     family: str = DEFAULT_FAMILY  # task family of the training stream (synthetic.FAMILIES)
+    # A warm restart after the first schedule: ``extra_steps`` more steps, warmup (the same fraction of
+    # them) to ``extra_lr``, then cosine to ``extra_lr * min_lr``; scenes stay at level 1 (the curriculum
+    # is a fraction of ``steps``) and the training stream goes on past step ``steps``. A run's first
+    # ``steps`` steps do not depend on it, so a run trained without it extends by resuming with it.
+    extra_steps: int = 0
+    extra_lr: float = 3e-4
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps + self.extra_steps
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"unknown task family {self.family!r}; expected one of {FAMILIES}")
+        if self.extra_steps < 0:
+            raise ValueError(f"extra_steps must be >= 0, got {self.extra_steps}")
         if self.family != "basic" and self.early_answer > 0:
             # Issue 12: the answer read off at the question's last word lets the late layers and the
             # generated tokens ignore the image, which is where the pruning study must look.
@@ -290,12 +305,28 @@ def evaluate(model: InternVLForConditionalGeneration, files: ModelFiles, example
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
-    """Linear warmup to ``lr``, then cosine down to ``lr * min_lr`` at the last step."""
-    warmup = max(1, int(config.warmup * config.steps))
+    """Linear warmup to ``lr``, then cosine down to ``lr * min_lr`` at step ``steps``; past it, the
+    same shape again over ``extra_steps`` with peak ``extra_lr``."""
+    if step >= config.steps:
+        return _warmup_cosine(step - config.steps, config.extra_steps, config.extra_lr, config)
+    return _warmup_cosine(step, config.steps, config.lr, config)
+
+
+def _warmup_cosine(step: int, steps: int, peak: float, config: TrainConfig) -> float:
+    warmup = max(1, int(config.warmup * steps))
     if step < warmup:
-        return config.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, config.steps - warmup)
-    return config.lr * (config.min_lr + (1 - config.min_lr) * 0.5 * (1 + math.cos(math.pi * progress)))
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (config.min_lr + (1 - config.min_lr) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def run_identity(config: TrainConfig, preset: TinyPreset) -> dict:
+    """What a checkpoint must match to be resumed: config and preset (the restart's fields only when
+    there is one, so checkpoints written before they existed still match)."""
+    fields = asdict(config)
+    if not config.extra_steps:
+        del fields["extra_steps"], fields["extra_lr"]
+    return {"config": fields, "preset": asdict(preset)}
 
 
 def curriculum_level(step: int, config: TrainConfig) -> float:
@@ -409,17 +440,19 @@ def train_model(
     tap = ProjectorTap(model)
     trained = torch.nn.ModuleList([model, heads])  # .parameters() lists a tensor the two share once
     optimizer = make_optimizer(trained, config)
-    identity = {"config": asdict(config), "preset": asdict(preset)}
+    identity = run_identity(config, preset)
+    # with a restart, a checkpoint of the same run without it is a prefix of this one up to step ``steps``
+    prefix = run_identity(replace(config, extra_steps=0), preset) if config.extra_steps else None
     progress = Progress(history=[])
     if resume and checkpoint is not None and checkpoint.exists():
-        progress = load_state(checkpoint, trained, optimizer, identity)
+        progress = load_state(checkpoint, trained, optimizer, identity, prefix, config.steps)
         log(f"[{name}] resumed from {checkpoint} at step {progress.step}")
-    log(f"[{name}] {params / 1e6:.2f}M parameters, {config.steps} steps x {config.batch}")
+    log(f"[{name}] {params / 1e6:.2f}M parameters, {config.total_steps} steps x {config.batch}")
 
     means = RunningMeans()
     means.values = dict(progress.means or {})
     started, resumed_at, done_before = time.perf_counter(), progress.step, progress.seconds
-    for step in range(progress.step, config.steps):
+    for step in range(progress.step, config.total_steps):
         if halt_after is not None and step - resumed_at >= halt_after:
             tap.remove()
             return model.eval(), {"halted_at": step}
@@ -427,30 +460,30 @@ def train_model(
         progress.first_loss = first_loss if progress.first_loss is None else progress.first_loss
         done = step + 1
         progress.step, progress.seconds = done, done_before + time.perf_counter() - started
-        if done % 10 == 0 or done == config.steps:
+        if done % 10 == 0 or done == config.total_steps:
             rate = (done - resumed_at) * config.batch / (time.perf_counter() - started)
-            eta = (config.steps - done) * config.batch / rate
+            eta = (config.total_steps - done) * config.batch / rate
             log(
-                f"[{name}] step {done}/{config.steps} {means} lr {learning_rate(step, config):.2e} "
+                f"[{name}] step {done}/{config.total_steps} {means} lr {learning_rate(step, config):.2e} "
                 f"{rate:.1f} images/s elapsed {progress.seconds / 60:.1f} min eta {eta / 60:.1f} min"
             )
-        if (config.eval_every and done % config.eval_every == 0) or done == config.steps:
+        if (config.eval_every and done % config.eval_every == 0) or done == config.total_steps:
             result = evaluate(model, files, val)
             progress.history.append({"step": done, "val_accuracy": result["accuracy"], **means.values})
             per_type = " ".join(f"{q} {a:.2f}" for q, a in result["per_qtype"].items())
             log(f"[{name}] step {done} val accuracy {result['accuracy']:.3f} ({per_type})")
         if checkpoint is not None and (
-            (checkpoint_every and done % checkpoint_every == 0) or done == config.steps
+            (checkpoint_every and done % checkpoint_every == 0) or done == config.total_steps
         ):
             progress.means = dict(means.values)
             save_state(checkpoint, trained, optimizer, progress, identity)
 
     stats = {
         "parameters": params,
-        "steps": config.steps,
+        "steps": config.total_steps,
         "batch": config.batch,
         "train_seconds": round(progress.seconds, 1),
-        "samples_per_second": round(config.steps * config.batch / max(progress.seconds, 1e-9), 2),
+        "samples_per_second": round(config.total_steps * config.batch / max(progress.seconds, 1e-9), 2),
         "first_loss": progress.first_loss,
         "final_loss": means.values.get("answer"),
         "history": progress.history,
@@ -505,6 +538,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--small-lr", type=float, default=1e-3)
     parser.add_argument("--large-lr", type=float, default=1e-3)
     parser.add_argument("--curriculum", type=float, default=TrainConfig.curriculum)
+    parser.add_argument(
+        "--extra-steps",
+        type=int,
+        default=0,
+        help="a warm restart after the schedule: this many more steps (resumes a finished run's checkpoint)",
+    )
+    parser.add_argument("--extra-lr", type=float, default=TrainConfig.extra_lr, help="the restart's peak lr")
     parser.add_argument("--grounding", type=float, default=TrainConfig.grounding, help="aux loss weight")
     parser.add_argument("--questions", type=int, default=TrainConfig.questions, help="questions per image")
     parser.add_argument(
@@ -570,6 +610,8 @@ def train_one(name, tokenizer, steps, lrs, args, device, val):
             early_answer=args.early_answer,
             tied_grounding=args.grounding_heads == "tied",
             family=args.family,
+            extra_steps=args.extra_steps,
+            extra_lr=args.extra_lr,
         )
         checkpoint = args.checkpoint_dir / f"{FAMILY_PREFIX[args.family]}-{name}.pt"
         return train_model(

@@ -43,11 +43,20 @@ def save_state(path: Path, trained: torch.nn.Module, optimizer, progress: Progre
     os.replace(scratch, path)
 
 
-def load_state(path: Path, trained: torch.nn.Module, optimizer, identity: dict) -> Progress:
-    """Restore what ``save_state`` wrote; refuses a checkpoint of another config or preset."""
+def load_state(
+    path: Path,
+    trained: torch.nn.Module,
+    optimizer,
+    identity: dict,
+    prefix: dict | None = None,
+    prefix_until: int = 0,
+) -> Progress:
+    """Restore what ``save_state`` wrote; refuses a checkpoint of another config or preset, except one
+    of the run ``prefix`` (whose steps up to ``prefix_until`` are this run's: an extended schedule)."""
     state = torch.load(path, map_location="cpu", weights_only=False)
-    if state["identity"] != identity:
-        changed = sorted(k for k in identity if state["identity"].get(k) != identity[k])
+    saved, step = state["identity"], state["progress"]["step"]
+    if saved != identity and not (saved == prefix and step <= prefix_until):
+        changed = sorted(k for k in identity if saved.get(k) != identity[k])
         raise ValueError(f"{path} was written by another run ({', '.join(changed)} differ); not resuming")
     trained.load_state_dict(state["trained"])
     optimizer.load_state_dict(state["optimizer"])

@@ -337,3 +337,40 @@ def test_the_crowded_card_lists_its_own_question_types_tiles_and_models(tmp_path
     assert "2 x 1 grid + thumbnail = 3 tiles, 64 tokens per tile, 192 visual tokens" in card
     assert "number 1/90" in card and "early-answer loss" in card and "warm-up" in card
     assert "- crowded-small (step: accuracy on 200 val examples): 500: 20%" in card
+
+
+def test_a_run_extended_by_a_warm_restart_ends_with_the_weights_of_one_trained_with_it(
+    crowded_small_dir, tmp_path
+):
+    """Guards against an extension that restarts the stream or the optimizer, keeps the old schedule's
+    floor, or resumes from a checkpoint of another extension: 3 seeded steps, then 2 more after a warm
+    restart resumed from their checkpoint, end bit-for-bit at a 3 + 2 step run's weights."""
+    files = ModelFiles.load(crowded_small_dir)
+    preset = train_pair.CROWDED_PRESETS["small"]
+    config = train_pair.TrainConfig(
+        steps=3, batch=2, questions=2, eval_every=0, early_answer=0.0, family="crowded", curriculum=0.5
+    )
+    extended = train_pair.replace(config, extra_steps=2, extra_lr=5e-4)
+    assert [train_pair.learning_rate(s, extended) for s in range(3)] == [
+        train_pair.learning_rate(s, config) for s in range(3)
+    ]
+    assert train_pair.learning_rate(3, extended) == 5e-4  # warmup of one step, then cosine from the new peak
+    assert train_pair.curriculum_level(4, extended) == 1.0
+    val = [make_example(0, "val", family="crowded")]
+    cpu = torch.device("cpu")
+    whole, whole_stats = train_pair.train_model(
+        "small", preset, files, extended, cpu, val, tmp_path / "whole.pt"
+    )
+    first = tmp_path / "first.pt"
+    train_pair.train_model("small", preset, files, config, cpu, val, first)
+    resumed, stats = train_pair.train_model("small", preset, files, extended, cpu, val, first, resume=True)
+    expected, got = whole.state_dict(), resumed.state_dict()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert stats["steps"] == whole_stats["steps"] == 5
+    import model_card
+
+    row = model_card._model_row("crowded-small", {"train": stats, "checkpoint_mb": 3.6})
+    assert "| 3 + 2 x 2 x 2 | 0.001, then 0.0005 |" in row
+    other = train_pair.replace(config, extra_steps=3)
+    with pytest.raises(ValueError, match="another run"):
+        train_pair.train_model("small", preset, files, other, cpu, val, tmp_path / "whole.pt", resume=True)
