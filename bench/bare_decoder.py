@@ -52,7 +52,7 @@ class BareDecoder:
         options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.inputs = {i.name: i for i in self.session.get_inputs()}
-        outputs = {o.name for o in self.session.get_outputs()}
+        outputs = [o.name for o in self.session.get_outputs()]
         pasts = [name for name in self.inputs if name.startswith("past")]
         missing = [name for name in pasts if present_name(name) not in outputs]
         if not pasts or missing:
