@@ -6,9 +6,10 @@ anything, one small function per block as onnxruntime-genai's model builder does
 
 - ``SimplifiedLayerNormalization`` / ``com.microsoft.SkipSimplifiedLayerNormalization``
   for the RMSNorms and the residual adds;
-- one fused q|k|v ``MatMul`` (+ the bias Qwen2 has), ``com.microsoft.RotaryEmbedding``
-  on q and k at the ``position_ids`` given (the consistency pass skips positions),
-  ``com.microsoft.GroupQueryAttention`` for the attention output;
+- one fused q|k|v ``MatMul`` (+ the bias Qwen2 has, left out when it is all zeros)
+  feeding ``com.microsoft.GroupQueryAttention`` packed, which rotates q and k itself
+  (``do_rotary``) at the ``position_ids`` given (the consistency pass skips positions:
+  ``rotary_slots``) and gives the attention output;
 - the SiLU MLP; the final norm; the LM head on the last ``num_logits`` rows only.
 
 The KV cache lives in buffers shared between past and present: ``past_key_i`` is
@@ -25,7 +26,8 @@ beside the fused kernel for the scoring rows alone: the rows from the first
 query with ``score_query_mask > 0`` (over the batch) to the end, which are
 the text after the image in a prefill, the one new token in a decode step,
 none in the consistency pass. For each layer ``softmax(q K^T / sqrt(d))`` of
-those rows with the causal mask is taken over the KV buffer itself (keys past
+those rows (their q rotated by ``RotaryEmbedding``, the keys as GroupQueryAttention
+wrote them) with the causal mask is taken over the KV buffer itself (keys past
 the filled length masked out, never copied), one GEMM per kv head for its
 group of query heads (``[batch, kv_heads, groups * rows, capacity]``), and
 added to a running sum over layers; after the layers that sum is summed over
@@ -158,62 +160,89 @@ def rotary_caches(model: InternVLForConditionalGeneration, dtype: np.dtype) -> t
 
 
 def attention_block(g: GraphBuilder, attn, x: str, layer: int, past_key: str, past_value: str, shared: dict):
-    """Fused q|k|v projection, RoPE, GroupQueryAttention, o_proj.
+    """Fused q|k|v projection, GroupQueryAttention rotating q and k itself, o_proj.
 
-    x [B, S, D] -> (output [B, S, D], present_key, present_value [B, KV, capacity, hd], q_rot [B, S, H*hd]).
+    x [B, S, D] -> (output [B, S, D], present_key, present_value [B, KV, capacity, hd],
+    qkv [B, S, (H + 2 KV) * hd] before RoPE: ``score_rows`` rotates its own rows of q).
     """
     prefix = f"layers.{layer}.attn"
-    heads, kv_heads, head_dim = shared["heads"], shared["kv_heads"], shared["head_dim"]
+    heads, kv_heads = shared["heads"], shared["kv_heads"]
     weight = np.concatenate([_linear_weight(p) for p in (attn.q_proj, attn.k_proj, attn.v_proj)], axis=1)
     qkv = g.op("MatMul", [x, g.weight(f"{prefix}.qkv.weight", weight)], f"{prefix}.qkv")
-    if attn.q_proj.bias is not None:
-        bias = np.concatenate([_np(p.bias) for p in (attn.q_proj, attn.k_proj, attn.v_proj)])
-        qkv = g.op("Add", [qkv, g.weight(f"{prefix}.qkv.bias", bias)], f"{prefix}.qkv_bias")
-    sizes = g.const(f"{prefix}.split", [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], np.int64)
-    query, key, value = g.op("Split", [qkv, sizes], f"{prefix}.split_qkv", outputs=3, axis=-1)
-    rope = [shared["position_ids"], shared["cos"], shared["sin"]]
-    query = g.op(
-        "RotaryEmbedding", [query, *rope], f"{prefix}.q_rotary", domain=MS_DOMAIN,
-        num_heads=heads, rotary_embedding_dim=head_dim, interleaved=0,
-    )  # fmt: skip
-    key = g.op(
-        "RotaryEmbedding", [key, *rope], f"{prefix}.k_rotary", domain=MS_DOMAIN,
-        num_heads=kv_heads, rotary_embedding_dim=head_dim, interleaved=0,
-    )  # fmt: skip
+    qkv = _add_bias(g, qkv, [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias], f"{prefix}.qkv")
+    # Packed q|k|v, rotated inside the kernel at the slots of the gathered caches (``rotary_slots``).
     context, present_key, present_value = g.op(
         "GroupQueryAttention",
-        [query, key, value, past_key, past_value, shared["seqlens_k"], shared["total_int32"]],
+        [qkv, "", "", past_key, past_value, shared["seqlens_k"], shared["total_int32"],
+         shared["cos_slots"], shared["sin_slots"]],
         f"{prefix}.gqa",
         outputs=["output", "present_key", "present_value"],
         domain=MS_DOMAIN,
         num_heads=heads,
         kv_num_heads=kv_heads,
         scale=float(attn.scaling),
-    )
+        do_rotary=1,
+        rotary_interleaved=0,
+    )  # fmt: skip
     out = g.op(
         "MatMul",
         [context, g.weight(f"{prefix}.o_proj.weight", _linear_weight(attn.o_proj))],
         f"{prefix}.o_proj",
     )
-    if attn.o_proj.bias is not None:
-        out = g.op(
-            "Add", [out, g.weight(f"{prefix}.o_proj.bias", _np(attn.o_proj.bias))], f"{prefix}.o_proj_bias"
-        )
-    return out, present_key, present_value, query
+    out = _add_bias(g, out, [attn.o_proj.bias], f"{prefix}.o_proj")
+    return out, present_key, present_value, qkv
 
 
-def score_rows(g: GraphBuilder, query: str, present_key: str, layer: int, shared: dict) -> str:
+def _add_bias(g: GraphBuilder, x: str, biases: list, name: str) -> str:
+    """x + the concatenated biases; x itself when there are none or all are zero (adding zeros
+    changes no value, and onnxruntime-genai's builder leaves them out in the same way)."""
+    if all(b is None for b in biases):
+        return x
+    bias = np.concatenate([_np(b) for b in biases])
+    if not bias.any():
+        return x
+    return g.op("Add", [x, g.weight(f"{name}.bias", bias)], f"{name}_bias")
+
+
+def rotary_slots(g: GraphBuilder, io: GraphIO, shared: dict) -> None:
+    """cos and sin caches [past + seq, hd/2] whose row ``past + s`` is the rotation of position
+    ``position_ids[0, s]``.
+
+    GroupQueryAttention rotates a first prompt (no past) at positions 0..S-1 whatever
+    ``position_ids`` says, and a later pass at its cache slots past..past+S-1; gathering the
+    cache rows of the given positions into those slots makes it rotate at the given positions
+    in both (the consistency pass skips positions). One Gather per cache per pass, not per
+    layer. Every batch row takes row 0's positions: the runtime refuses a batch whose rows differ.
+    """
+    shared["past"] = g.op("Sub", [shared["total"], shared["seq"]], "past")
+    earlier = g.op("Range", [shared["zero"], shared["past"], shared["one"]], "rotary.earlier_slots")  # [past]
+    first_row = g.op("Gather", [io.position_ids, shared["zero"]], "rotary.first_row", axis=0)  # [S]
+    rows = g.op("Concat", [earlier, first_row], "rotary.rows", axis=0)  # [past + S]
+    shared["cos_slots"] = g.op("Gather", [shared["cos"], rows], "rotary.cos_slots", axis=0)
+    shared["sin_slots"] = g.op("Gather", [shared["sin"], rows], "rotary.sin_slots", axis=0)
+
+
+def score_rows(g: GraphBuilder, qkv: str, present_key: str, layer: int, shared: dict) -> str:
     """This layer's attention probabilities of the scoring rows.
 
-    query [B, S, H*hd] (after RoPE), present_key [B, KV, C, hd] (the whole buffer, C = capacity)
-    -> [B, KV, G*R, C] float32: row g*R + r of kv head kv is query head kv*G + g of scoring row r
-    (``score_total`` sums heads and layers); R = the rows from the first scored query on. Keys past the filled length
+    qkv [B, S, (H + 2 KV) * hd] (before RoPE), present_key [B, KV, C, hd] (the whole buffer, rotated
+    by GroupQueryAttention; C = capacity) -> [B, KV, G*R, C] float32: row g*R + r of kv head kv is
+    query head kv*G + g of scoring row r (``score_total`` sums heads and layers); R = the rows from
+    the first scored query on, the only rows of q rotated here. Keys past the filled length
     are masked out by ``Where``, so they need no Slice (a copy of every key each pass) and may
     hold anything, NaN included (uninitialised device memory).
     """
     prefix = f"layers.{layer}.score"
-    # [B, S, H*hd] -> [B, S*H, hd] (a view) -> [B, KV, G*R, hd]: one Gather picks query head
-    # kv*G + g of row first + r for grouped row g*R + r (query head h reads kv head h // G, as
+    query = g.op(
+        "Slice", [qkv, shared["q_rows_starts"], shared["q_rows_ends"], shared["axes_1_2"]], f"{prefix}.q_rows"
+    )  # [B, R, H*hd]: q of the scoring rows
+    query = g.op(
+        "RotaryEmbedding", [query, shared["score_positions"], shared["cos"], shared["sin"]],
+        f"{prefix}.q_rotary", domain=MS_DOMAIN,
+        num_heads=shared["heads"], rotary_embedding_dim=shared["head_dim"], interleaved=0,
+    )  # fmt: skip
+    # [B, R, H*hd] -> [B, R*H, hd] (a view) -> [B, KV, G*R, hd]: one Gather picks query head
+    # kv*G + g of row r for grouped row g*R + r (query head h reads kv head h // G, as
     # repeat_kv does), so one GEMM per kv head reads its keys once for all G heads
     flat = g.op("Reshape", [query, shared["flat_heads_shape"]], f"{prefix}.q_flat")
     rows = g.op("Gather", [flat, shared["grouped_rows_index"]], f"{prefix}.q_grouped", axis=1)
@@ -250,11 +279,7 @@ def mlp_block(g: GraphBuilder, mlp, x: str, layer: int) -> str:
         out = g.op(
             "MatMul", [inp, g.weight(f"{prefix}.{name}.weight", _linear_weight(module))], f"{prefix}.{name}"
         )
-        if module.bias is not None:
-            out = g.op(
-                "Add", [out, g.weight(f"{prefix}.{name}.bias", _np(module.bias))], f"{prefix}.{name}_bias"
-            )
-        return out
+        return _add_bias(g, out, [module.bias], f"{prefix}.{name}")
 
     gate = linear("gate_proj", mlp.gate_proj, x)
     act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{prefix}.sigmoid")], f"{prefix}.silu")
@@ -278,13 +303,24 @@ def skip_norm(g: GraphBuilder, x: str, residual: str, norm, name: str) -> tuple[
 def score_prelude(g: GraphBuilder, io: GraphIO, shared: dict) -> None:
     """What every layer's score shares: the first scored row, the rows' weights [B, 1, R], the
     mask [B, 1, G*R, C] (C = the KV buffers' capacity) and the shapes of the grouped rows."""
-    seq, total, groups = shared["seq"], shared["total"], shared["heads"] // shared["kv_heads"]
+    seq, total, heads = shared["seq"], shared["total"], shared["heads"]
+    groups = heads // shared["kv_heads"]
+    shared["zero_1d"] = g.const("score.zero_1d", [0], np.int64)
+    shared["int64_max_1d"] = g.const("score.int64_max_1d", [INT64_MAX], np.int64)
+    shared["axis_2"] = g.const("score.axis_2", [2], np.int64)
     seq_index = g.op("Range", [shared["zero"], seq, shared["one"]], "score.seq_index")  # [S]
     scored = g.op("Greater", [io.score_query_mask, g.const("score.zero_f", 0.0, np.float32)], "score.scored")
     candidates = g.op("Where", [scored, seq_index, seq], "score.first_candidates")  # [B, S]
     first = g.op("ReduceMin", [candidates], "score.first_row", keepdims=0)  # [] = S when nothing is scored
     first_1d = g.op("Unsqueeze", [first, shared["axis_0"]], "score.first_row_1d")
     shared["first_row_1d"] = first_1d
+    # q of the scoring rows: qkv[:, first:, :H*hd], rotated at their positions
+    shared["q_rows_starts"] = g.op("Concat", [first_1d, shared["zero_1d"]], "score.q_rows_starts", axis=0)
+    shared["q_rows_ends"] = g.const("score.q_rows_ends", [INT64_MAX, heads * shared["head_dim"]], np.int64)
+    shared["axes_1_2"] = g.const("score.axes_1_2", [1, 2], np.int64)
+    shared["score_positions"] = g.op(
+        "Slice", [io.position_ids, first_1d, shared["int64_max_1d"], shared["axis_1"]], "score.positions"
+    )  # [B, R]
     weights = g.op(
         "Slice",
         [io.score_query_mask, first_1d, shared["int64_max_1d"], shared["axis_1"]],
@@ -299,7 +335,7 @@ def score_prelude(g: GraphBuilder, io: GraphIO, shared: dict) -> None:
     capacity_1d = g.op("Shape", [io.past_names(1)[0]], "score.capacity_1d", start=2, end=3)
     capacity = g.op("Squeeze", [capacity_1d, shared["axis_0"]], "score.capacity")
     key_index = g.op("Range", [shared["zero"], capacity, shared["one"]], "score.key_index")  # [C]
-    row_start = g.op("Add", [g.op("Sub", [total, seq], "score.past"), first], "score.row_start")
+    row_start = g.op("Add", [shared["past"], first], "score.row_start")
     query_index = g.op("Range", [row_start, total, shared["one"]], "score.query_index")  # [R]
     query_col = g.op("Unsqueeze", [query_index, shared["axis_1"]], "score.query_col")  # [R, 1]
     causal = g.op("LessOrEqual", [key_index, query_col], "score.causal")  # [R, C]
@@ -318,10 +354,9 @@ def score_prelude(g: GraphBuilder, io: GraphIO, shared: dict) -> None:
         ]
         return g.op("Concat", parts, name, axis=0)
 
-    # Where grouped row g*R + r of kv head kv reads its query in [B, S*H, hd]: (first + r)*H + kv*G + g.
-    heads = shared["heads"]
+    # Where grouped row g*R + r of kv head kv reads its query in [B, R*H, hd]: r*H + kv*G + g.
     shared["flat_heads_shape"] = g.const("score.flat_heads_shape", [0, -1, shared["head_dim"]], np.int64)
-    rows = g.op("Range", [first, seq, shared["one"]], "score.rows")  # [R]
+    rows = g.op("Range", [shared["zero"], g.op("Sub", [seq, first], "score.num_rows"), shared["one"]], "score.rows")  # [R]
     row_offsets = g.op("Mul", [rows, g.const("score.heads", heads, np.int64)], "score.row_offsets")
     head_of = g.const("score.head_of", np.arange(heads).reshape(shared["kv_heads"], groups, 1), np.int64)
     index = g.op("Add", [head_of, row_offsets], "score.query_heads")  # [KV, G, R]
@@ -361,16 +396,12 @@ def build_lean_decoder(
         "kv_heads": kv_heads,
         "head_dim": head_dim,
         "scaling": float(layers[0].self_attn.scaling),
-        "position_ids": io.position_ids,
         "cos": g.weight("rotary.cos_cache", cos),
         "sin": g.weight("rotary.sin_cache", sin),
         "zero": g.const("zero", 0, np.int64),
         "one": g.const("one", 1, np.int64),
-        "zero_1d": g.const("zero_1d", [0], np.int64),
-        "int64_max_1d": g.const("int64_max_1d", [INT64_MAX], np.int64),
         "axis_0": g.const("axis_0", [0], np.int64),
         "axis_1": g.const("axis_1", [1], np.int64),
-        "axis_2": g.const("axis_2", [2], np.int64),
     }
     # Lengths: seq from the embeddings, total = past + seq from the mask, filled length per row from its ones.
     shared["seq_1d"] = g.op("Shape", [io.inputs_embeds], "seq_1d", start=1, end=2)
@@ -384,6 +415,7 @@ def build_lean_decoder(
     filled = g.op("ReduceSum", [io.attention_mask, shared["axis_1"]], "filled", keepdims=0)  # [B]
     shared["seqlens_k_int64"] = g.op("Sub", [filled, shared["one"]], "seqlens_k_int64")
     shared["seqlens_k"] = g.op("Cast", [shared["seqlens_k_int64"]], "seqlens_k", to=TensorProto.INT32)
+    rotary_slots(g, io, shared)
     if with_scores:
         score_prelude(g, io, shared)
 
@@ -400,13 +432,13 @@ def build_lean_decoder(
     presents, layer_sum = [], None
     past_names = io.past_names(len(layers))
     for index, layer in enumerate(layers):
-        attn_out, key, value, query = attention_block(
+        attn_out, key, value, qkv = attention_block(
             g, layer.self_attn, normed, index, past_names[2 * index], past_names[2 * index + 1], shared
         )
         presents += [key, value]
         if with_scores:
             # a running sum (one tensor alive, however many layers) rather than one Sum at the end
-            probs = score_rows(g, query, key, index, shared)
+            probs = score_rows(g, qkv, key, index, shared)
             layer_sum = (
                 probs if layer_sum is None else g.op("Add", [layer_sum, probs], f"layers.{index}.score.sum")
             )

@@ -327,6 +327,9 @@ class EdgeModel:
         elif self.shared_kv and not np.all(attention_mask == 1):
             # GroupQueryAttention reads the mask as one filled length per row (seqlens_k)
             raise ValueError("the lean decoder takes no padding: attention_mask must be all ones")
+        if self.shared_kv and batch > 1 and not np.all(position_ids == position_ids[:1]):
+            # its rotary caches are gathered at row 0's positions (lean_decoder.rotary_slots)
+            raise ValueError("the lean decoder takes one set of positions: every batch row's position_ids must be equal")
         binding = (
             self._bind_shared_cache(cache, batch, past + seq) if self.shared_kv else self.decoder.io_binding()
         )

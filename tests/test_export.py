@@ -39,12 +39,13 @@ FP32_LOGITS_ATOL = 1e-4  # the brief's bound for fp32 logits, absolute
 
 
 def sharpen_checkpoint(source: Path, target: Path, std: float = SHARP_STD, seed: int = 0) -> Path:
-    """Copy of a tiny checkpoint with every weight matrix redrawn from N(0, std^2)."""
+    """Copy of a tiny checkpoint with every weight matrix and bias redrawn from N(0, std^2)
+    (biases too: a fresh checkpoint's are zeros, which a graph may drop or misplace unseen)."""
     model = InternVLForConditionalGeneration.from_pretrained(source, dtype=torch.float32)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.ndim >= 2:
+        for name, parameter in model.named_parameters():
+            if parameter.ndim >= 2 or name.endswith(".bias"):
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
     tokenizer = Tokenizer.from_file(str(source / "tokenizer.json"))
     return save_checkpoint(model.eval(), tokenizer, target, default_tiling("tiny"))

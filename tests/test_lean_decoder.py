@@ -75,18 +75,45 @@ def test_lean_graph_is_built_of_fused_ops(lean_dir, lean):
     graph = onnx.load(str(lean_dir / sidecar.graphs.decoder)).graph
     ops = Counter(node.op_type for node in graph.node)
     assert ops["GroupQueryAttention"] == layers
-    assert ops["RotaryEmbedding"] == 2 * layers
+    # q and k rotated inside GroupQueryAttention; RotaryEmbedding only on the scoring rows' q
+    gqa = [node for node in graph.node if node.op_type == "GroupQueryAttention"]
+    assert all(next(a.i for a in node.attribute if a.name == "do_rotary") == 1 for node in gqa)
+    assert all(node.input[1] == node.input[2] == "" for node in gqa)  # packed q|k|v
+    assert ops["RotaryEmbedding"] == layers and ops["Split"] == 0
     assert ops["SkipSimplifiedLayerNormalization"] == 2 * layers
     assert ops["SimplifiedLayerNormalization"] == 1
     assert ops["Constant"] == 0
-    # Concat only builds the score's shape vectors (four per pass), never a cache or activation
+    # Concat builds the rotary slots and the score's shape vectors (six per pass), never a
+    # cache or activation
     concats = [node for node in graph.node if node.op_type == "Concat"]
-    assert len(concats) <= 4 and all(name.startswith("score.") for n in concats for name in n.input)
+    assert len(concats) <= 6
+    assert all(name.split(".")[0] in ("score", "rotary") for n in concats for name in n.input)
     # one softmax per layer, for the score rows beside the fused attention, and nothing else
     assert ops["Softmax"] == layers
     assert len(graph.node) <= 40 * layers
     assert [i.name for i in graph.input] == sidecar.io.decoder_inputs(layers)
     assert [o.name for o in graph.output] == sidecar.io.decoder_outputs(layers)
+
+
+def test_zero_biases_are_left_out_and_others_kept(sharp_checkpoint, tiny_checkpoint):
+    """Guards against the q|k|v bias being dropped when it matters (the sharpened checkpoint's
+    are random, and the export's verification against PyTorch covers their values) and against an
+    all-zero bias costing an Add in every pass (a fresh checkpoint's, as onnxruntime-genai's
+    builder leaves them out)."""
+    from stitchvlm.edge.lean_decoder import build_lean_decoder
+    from stitchvlm.edge.sidecar import GraphIO
+
+    def bias_adds(checkpoint):
+        model = InternVLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+        biases = [layer.self_attn.q_proj.bias for layer in model.model.language_model.layers]
+        graph = build_lean_decoder(model, GraphIO()).graph
+        adds = [n for n in graph.node if n.op_type == "Add" and n.name.endswith("qkv_bias")]
+        return len(adds), len(biases), all(bool(b.any()) for b in biases), not any(bool(b.any()) for b in biases)
+
+    adds, layers, all_nonzero, _ = bias_adds(sharp_checkpoint)
+    assert all_nonzero and adds == layers
+    adds, layers, _, all_zero = bias_adds(tiny_checkpoint)
+    assert all_zero and adds == 0
 
 
 def test_sidecar_graph_field_and_older_versions(lean_dir):
@@ -263,12 +290,20 @@ def test_unfilled_buffer_positions_never_leak_into_results(lean, image_factory):
 
 
 def test_lean_batch_axis_is_dynamic(lean):
-    """Guards against a batch axis the built graph (Reshape targets, per-row seqlens_k) gets wrong:
-    a batch of two rows equals each row alone, positions skipping included."""
+    """Guards against a batch axis the built graph (Reshape targets, per-row seqlens_k, the
+    rotary slots) gets wrong: a batch of two rows equals each row alone, positions skipping
+    included; rows at different positions are refused (the rotary caches follow row 0)."""
     rng = np.random.default_rng(0)
     dims = lean.sidecar.dims
     embeds = rng.standard_normal((2, 5, dims.hidden_size)).astype(np.float32)
-    positions = np.stack([np.arange(5), np.array([0, 1, 2, 7, 8])])
+    with pytest.raises(ValueError, match="position_ids must be equal"):
+        lean.decode(
+            embeds,
+            np.stack([np.arange(5), np.array([0, 1, 2, 7, 8])]),
+            np.ones((2, 5), np.float32),
+            lean.empty_cache(batch=2, capacity=8),
+        )
+    positions = np.stack([np.array([0, 1, 2, 7, 8])] * 2)
     scored = np.array([[0, 0, 1, 1, 1], [0, 0, 0, 1, 1]], np.float32)
     both = lean.decode(embeds, positions, scored, lean.empty_cache(batch=2, capacity=8))
     for row in range(2):
