@@ -60,14 +60,15 @@ from dataclasses import replace
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-# Export name -> (stitch-export --graph, --quant, --vision-quant).
+# Export name -> (stitch-export --graph, --quant, --vision-quant, --decoder-quant).
 EXPORTS = {
-    "explicit": ("explicit", "none", "none"),
-    "lean": ("lean", "none", "none"),
-    "lean-int8": ("lean", "int8", "dynamic-int8"),
-    "lean-int4": ("lean", "int4", "dynamic-int8"),
-    "lean-int4-nbits-vision": ("lean", "int4", "nbits"),
-    "lean-int4-decoder": ("lean", "int4", "none"),
+    "explicit": ("explicit", "none", "none", "nbits"),
+    "lean": ("lean", "none", "none", "nbits"),
+    "lean-int8": ("lean", "int8", "dynamic-int8", "nbits"),
+    "lean-int8-dynamic": ("lean", "int8", "dynamic-int8", "dynamic-int8"),
+    "lean-int4": ("lean", "int4", "dynamic-int8", "nbits"),
+    "lean-int4-nbits-vision": ("lean", "int4", "nbits", "nbits"),
+    "lean-int4-decoder": ("lean", "int4", "none", "nbits"),
 }
 CONSISTENCY_RETENTION = 0.05  # r_c, DESIGN "SEE gate"
 SAMPLE_SECONDS = 0.002  # RSS sampling interval of the per-stage peaks
@@ -156,12 +157,13 @@ def build_step(preset_name: str, max_tiles: int | None, out: Path) -> None:
 def export_step(checkpoint: Path, out: Path, name: str) -> None:
     from stitchvlm.edge.export import ExportConfig, export_edge
 
-    graph, quant, vision = EXPORTS[name]
+    graph, quant, vision, decoder = EXPORTS[name]
     export_edge(
         ExportConfig(
-            model_dir=checkpoint, out_dir=out, verify=False, graph=graph, quant=quant, vision_quant=vision
+            model_dir=checkpoint, out_dir=out, verify=False, graph=graph, quant=quant, vision_quant=vision,
+            decoder_quant=decoder,
         )
-    )
+    )  # fmt: skip
 
 
 class HighWaterMark:
@@ -312,8 +314,8 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     for name in args.exports:
         out = work / f"edge-{name}"
         if not (out / "stitch_edge.json").exists():
-            graph, quant, vision = EXPORTS[name]
-            flags = "" if quant == "none" else f" --vision-quant {vision}"
+            graph, quant, vision, decoder = EXPORTS[name]
+            flags = "" if quant == "none" else f" --vision-quant {vision} --decoder-quant {decoder}"
             log(f"stitch-export --graph {graph} --quant {quant}{flags} -> {out}")
             child("--step", "export", str(checkpoint), str(out), name)
         log(f"one question on {out.name} ({args.threads} threads)")

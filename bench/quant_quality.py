@@ -1,7 +1,8 @@
 """The embedded small model quantized: accuracy, SEE exit rate and score overlap against float.
 
 Exports ``--model`` (default: the embedded synthetic small model) once per
-scheme (float, int8, int4; ``stitch-export --quant``, same ``--graph``) and runs
+scheme (float, int8, int8 with ``--decoder-quant dynamic-int8``, int4;
+``stitch-export --quant``, same ``--graph``) and runs
 each export through the edge runtime on the first ``--n`` synthetic test
 examples (greedy, exact match): the small model's accuracy, the SEE gate's
 exit rate at ``--tau`` (and the accuracy of the answers that exit), the
@@ -33,7 +34,13 @@ from stitchvlm.edge.sidecar import VISION_QUANT_METHODS
 from stitchvlm.shared.scoring import confidence_score, consistency_score, top_r_indices
 from stitchvlm.shared.synthetic import exact_match, iter_dataset
 
-SCHEMES = ("none", "int8", "int4")
+# Row -> (stitch-export --quant, --decoder-quant).
+SCHEMES = {
+    "none": ("none", "nbits"),
+    "int8": ("int8", "nbits"),
+    "int8-dynamic": ("int8", "dynamic-int8"),
+    "int4": ("int4", "nbits"),
+}
 MAX_NEW_TOKENS = 4
 
 
@@ -135,15 +142,16 @@ def main(argv: list[str] | None = None) -> int:
     options.intra_op_num_threads = args.threads
     results, reference = {}, None
     with tempfile.TemporaryDirectory() as tmp:
-        for scheme in SCHEMES:
+        for scheme, (quant, decoder) in SCHEMES.items():
             out = Path(tmp) / scheme
             config = ExportConfig(
                 model_dir=model,
                 out_dir=out,
                 graph=args.graph,
-                quant=scheme,
+                quant=quant,
                 quant_block_size=args.block_size,
                 vision_quant=args.vision_quant,
+                decoder_quant=decoder,
             )
             export_edge(config)
             edge = EdgeModel.load(out, providers=[CPU], session_options=options)

@@ -19,7 +19,17 @@ thread of this 2-core AVX512-VNNI CPU beside training jobs: 11.6 s float32, 5.6
 s dynamic int8 with the 7-bit weights used (2.07x; token cosine >= 0.9994,
 random weights), and 2.07x again for 7 tiles inside a whole question
 (bench/edge_stages.py); MatMulNBits int8 and int4 (accuracy level 4) took 1.00x
-and 1.14x the float time. ``nbits`` quantizes it as the decoder. The patch convolution stays float. The sidecar
+and 1.14x the float time. ``nbits`` quantizes it as the decoder. The patch convolution stays float.
+
+The decoder's prefill is the same kind of large-M MatMul (one row a prompt token), and
+MatMulNBits gains nothing there either: at the InternVL3-1B shape (1809-token prefill,
+2 threads, bench/edge_stages.py) it took 10.9 s at int8 and 11.3 s at int4 against 10.5 s
+float32. ``--decoder-quant dynamic-int8`` (with ``--quant int8``, float32 exports)
+quantizes the decoder as the tower: prefill 5.5 s, decode as fast as MatMulNBits int8.
+Its activations get one scale per tensor and pass, where MatMulNBits at accuracy level
+4 takes one per block of 32: a model with outlier activation channels (as large
+language models have) loses more to it, so it is opt-in, and the export's comparison
+below says how far it moved your checkpoint. The sidecar
 records what was quantized (``sidecar.WeightQuant``); the runtime opens the
 directory unchanged.
 
@@ -49,7 +59,7 @@ from stitchvlm.shared.prompt import build_prompt
 from stitchvlm.shared.scoring import top_r_indices
 
 from .runtime import EdgeModel
-from .sidecar import QUANT_BITS, VISION_QUANT_METHODS, EdgeSidecar, WeightQuant
+from .sidecar import DECODER_QUANT_METHODS, QUANT_BITS, VISION_QUANT_METHODS, EdgeSidecar, WeightQuant
 
 DEFAULT_BLOCK_SIZE = 32  # onnxruntime-genai's int4 default; ORT's quantizer defaults to 128
 # protobuf cannot hold a graph past 2 GB: larger graphs keep their weights in "<graph>.data"
@@ -191,9 +201,11 @@ def quantize_export(
     block_size: int = DEFAULT_BLOCK_SIZE,
     accuracy_level: int | None = None,
     vision: str | None = "dynamic-int8",
+    decoder_method: str = "nbits",
 ) -> WeightQuant:
-    """Quantize the decoder graph (and the vision graph by ``vision``, a VISION_QUANT_METHODS
-    entry; None leaves it float) of ``float_dir`` into ``out_dir``.
+    """Quantize the decoder graph (by ``decoder_method``, a DECODER_QUANT_METHODS entry) and the
+    vision graph (by ``vision``, a VISION_QUANT_METHODS entry; None leaves it float) of
+    ``float_dir`` into ``out_dir``.
 
     ``accuracy_level`` None: ``DEFAULT_ACCURACY_LEVEL[scheme]``. A graph left float is
     not written; the returned ``graphs`` names only the quantized ones.
@@ -202,15 +214,24 @@ def quantize_export(
         raise ValueError(f"quant must be one of {sorted(QUANT_BITS)}, got {scheme!r}")
     if vision is not None and vision not in VISION_QUANT_METHODS:
         raise ValueError(f"vision quantization must be one of {VISION_QUANT_METHODS} or None, got {vision!r}")
+    if decoder_method not in DECODER_QUANT_METHODS:
+        raise ValueError(f"decoder quantization must be one of {DECODER_QUANT_METHODS}, got {decoder_method!r}")
+    if decoder_method == "dynamic-int8" and scheme != "int8":
+        raise ValueError(f"a dynamic-int8 decoder is --quant int8, not {scheme}")
     if accuracy_level is None:
         accuracy_level = DEFAULT_ACCURACY_LEVEL[scheme]
     dims = sidecar.dims
     counts, lm_head = {}, False
     decoder = sidecar.graphs.decoder
-    counts[decoder], lm_head = quantize_graph(
-        float_dir / decoder, out_dir / decoder, QUANT_BITS[scheme], block_size, True, accuracy_level,
-        (dims.hidden_size, dims.vocab_size),
-    )  # fmt: skip
+    lm_head_shape = (dims.hidden_size, dims.vocab_size)
+    if decoder_method == "dynamic-int8":
+        counts[decoder] = quantize_graph_dynamic(float_dir / decoder, out_dir / decoder)
+        lm_head = _has_int8_weight(out_dir / decoder, lm_head_shape)
+    else:
+        counts[decoder], lm_head = quantize_graph(
+            float_dir / decoder, out_dir / decoder, QUANT_BITS[scheme], block_size, True, accuracy_level,
+            lm_head_shape,
+        )  # fmt: skip
     name = sidecar.graphs.vision
     if vision == "nbits":
         counts[name], _ = quantize_graph(
@@ -227,7 +248,15 @@ def quantize_export(
         graphs=counts,
         lm_head=lm_head,
         vision_method=vision,
+        decoder_method=decoder_method,
     )
+
+
+def _has_int8_weight(path: Path, shape: tuple[int, int]) -> bool:
+    """Whether a MatMulInteger of ``path`` multiplies by an int8 weight of ``shape`` ([K, N])."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    shapes = {t.name: tuple(t.dims) for t in graph.initializer}
+    return any(n.op_type == "MatMulInteger" and shapes.get(n.input[1]) == shape for n in graph.node)
 
 
 # ---------------------------------------------------------------------------

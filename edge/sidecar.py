@@ -27,8 +27,8 @@ SIDECAR_NAME = "stitch_edge.json"
 # 5: vision_graph ("explicit" or "lean"); older sidecars read as vision_graph "explicit".
 # 6: quant.vision_method (how the vision graph was quantized, or null); in older sidecars a
 #    quantized vision graph was MatMulNBits ("nbits").
-FORMAT_VERSION = 6
-READABLE_VERSIONS = (2, 3, 4, 5, 6)
+FORMAT_VERSION = 7
+READABLE_VERSIONS = (2, 3, 4, 5, 6, 7)
 # Export dtypes and the numpy dtype of the tensors the graphs exchange in that dtype.
 DTYPES = {"fp32": "float32", "fp16": "float16"}
 # Decoder graphs: "explicit" (traced ``ScoringDecoder``: written-out attention, KV grown by
@@ -45,6 +45,10 @@ QUANT_BITS = {"int4": 4, "int8": 8}
 # output channel, activations quantized to uint8 on each pass, MatMulInteger: float32 graphs, CPU
 # EP) or "nbits" (MatMulNBits of the decoder's scheme, as the decoder).
 VISION_QUANT_METHODS = ("dynamic-int8", "nbits")
+# How ``--quant`` quantizes the decoder (``--decoder-quant``): "nbits" (MatMulNBits, block-wise;
+# any scheme, float32 or float16) or "dynamic-int8" (as the tower's dynamic int8: --quant int8,
+# float32 exports, CPU EP).
+DECODER_QUANT_METHODS = ("nbits", "dynamic-int8")
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,9 @@ class GraphIO:
 @dataclass(frozen=True)
 class WeightQuant:
     """What ``stitch-export --quant`` quantized: the decoder's MatMul weights as
-    ``com.microsoft.MatMulNBits``, the vision graph's as ``vision_method`` says.
+    ``decoder_method`` says (``com.microsoft.MatMulNBits`` unless "dynamic-int8"), the
+    vision graph's as ``vision_method`` says; ``block_size`` and ``accuracy_level``
+    describe the MatMulNBits graphs among them.
 
     Only constant 2-D MatMul weights are quantized (for MatMulNBits block-wise
     along K, one scale per block; for "dynamic-int8" one scale per output
@@ -145,10 +151,18 @@ class WeightQuant:
     lm_head: bool  # whether the decoder's LM head is among them
     # VISION_QUANT_METHODS: how the vision graph was quantized; None when it stayed float.
     vision_method: str | None = None
+    # DECODER_QUANT_METHODS: how the decoder was quantized.
+    decoder_method: str = "nbits"
 
     def __post_init__(self) -> None:
         if QUANT_BITS.get(self.scheme) != self.bits:
             raise ValueError(f"quant scheme {self.scheme!r} with {self.bits} bits (known: {QUANT_BITS})")
+        if self.decoder_method not in DECODER_QUANT_METHODS:
+            raise ValueError(
+                f"decoder_method must be one of {DECODER_QUANT_METHODS}, got {self.decoder_method!r}"
+            )
+        if self.decoder_method == "dynamic-int8" and self.bits != 8:
+            raise ValueError(f"a dynamic-int8 decoder has 8-bit weights, not {self.bits}")
         if self.vision_method is not None and self.vision_method not in VISION_QUANT_METHODS:
             raise ValueError(
                 f"vision_method must be one of {VISION_QUANT_METHODS} or null, got {self.vision_method!r}"
@@ -260,6 +274,8 @@ def _read_quant(data: dict[str, Any], version: int) -> WeightQuant | None:
     quant = dict(data["quant"])
     if version < 6:  # before vision_method, a quantized vision graph was MatMulNBits
         quant["vision_method"] = "nbits" if data["graphs"]["vision"] in quant["graphs"] else None
+    if version < 7:  # before decoder_method, the decoder was always MatMulNBits
+        quant["decoder_method"] = "nbits"
     return _build(WeightQuant, quant)
 
 

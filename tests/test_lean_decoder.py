@@ -121,7 +121,7 @@ def test_sidecar_graph_field_and_older_versions(lean_dir):
     reverse): the field must round-trip, an unknown graph must be refused, and a version-2
     sidecar (written before the field existed) must read as the explicit graph it describes."""
     data = json.loads((lean_dir / SIDECAR_NAME).read_text())
-    assert data["graph"] == "lean" and data["format_version"] == 6
+    assert data["graph"] == "lean" and data["format_version"] == 7
     with pytest.raises(ValueError, match="graph must be one of"):
         EdgeSidecar.from_json(json.dumps({**data, "graph": "fused"}))
     older = {key: value for key, value in data.items() if key != "graph"} | {"format_version": 2}

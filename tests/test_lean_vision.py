@@ -242,7 +242,7 @@ def test_sidecar_vision_graph_field_and_older_versions(lean_dir, sharp_checkpoin
     round-trip, an unknown kind must be refused, sidecars written before it (version 4) must read
     as the traced tower they describe, and --vision-graph must override --graph's default."""
     data = json.loads((lean_dir / SIDECAR_NAME).read_text())
-    assert data["vision_graph"] == "lean" and data["format_version"] == 6
+    assert data["vision_graph"] == "lean" and data["format_version"] == 7
     with pytest.raises(ValueError, match="vision_graph must be one of"):
         EdgeSidecar.from_json(json.dumps({**data, "vision_graph": "fused"}))
     older = {key: value for key, value in data.items() if key != "vision_graph"} | {"format_version": 4}

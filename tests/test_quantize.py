@@ -52,6 +52,10 @@ BOUNDS = {
     "int8": dict(embeds_rel=0.04, logits_rel=0.2, cosine=0.98, scores_rel=0.1, agreement=0.75),
     "int4": dict(embeds_rel=0.35, logits_rel=1.0, cosine=0.45, scores_rel=0.45, agreement=0.0),
 }
+# --decoder-quant dynamic-int8 (the decoder as the tower: activations scaled per tensor), tiny
+# checkpoint, both graphs alike: image_embeds 2.2e-2, logits 0.148 of max, cosine 0.9873, scores
+# 0.106, top-R overlap 1.0 / 0.955 / 1.0, greedy agreement 0.875. Bounds with margin as above.
+BOUNDS["int8-dynamic"] = dict(embeds_rel=0.04, logits_rel=0.25, cosine=0.97, scores_rel=0.2, agreement=0.75)
 OVERLAP_FLOORS = {
     "int8": {0.09: 0.6, 0.35: 0.85, 0.64: 0.9},
     "int4": {0.09: 0.4, 0.35: 0.55, 0.64: 0.75},
@@ -165,6 +169,52 @@ def test_vision_quant_nbits_quantizes_the_tower_as_the_decoder(tiny_checkpoint, 
     assert not report.broken
 
 
+def test_dynamic_int8_decoder_is_what_the_sidecar_says_and_within_measured_deviation(
+    tiny_checkpoint, float_dirs, tmp_path
+):
+    """Guards against --decoder-quant dynamic-int8 leaving MatMulNBits (or float MatMuls) in the
+    decoder, recording another method than it wrote, or computing something else (wrong scales or
+    zero points, the fused q|k|v's score rows misread), past the tiny model's measured deviations."""
+    out = tmp_path / "lean-int8-dynamic"
+    args = ["--model", str(tiny_checkpoint), "--out", str(out), "--quant", "int8", "--decoder-quant", "dynamic-int8"]
+    assert main(args) == 0  # verification on: the export's own comparison passes
+    sidecar = EdgeSidecar.load(out)
+    quant = sidecar.quant
+    assert (quant.scheme, quant.decoder_method, quant.vision_method) == ("int8", "dynamic-int8", "dynamic-int8")
+    graph = onnx.load(str(out / sidecar.graphs.decoder)).graph
+    weights = {t.name for t in graph.initializer}
+    ops = [n.op_type for n in graph.node]
+    assert "MatMulNBits" not in ops
+    assert ops.count("MatMulInteger") == quant.graphs[sidecar.graphs.decoder] == 5 * sidecar.dims.num_layers + 1
+    assert quant.lm_head
+    assert not [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    reference = EdgeModel.load(float_dirs["lean"], providers=[CPU])
+    report = compare_quantized(reference, EdgeModel.load(out, providers=[CPU]), "int8")
+    bounds = BOUNDS["int8-dynamic"]
+    assert 0 < report.image_embeds_rel <= bounds["embeds_rel"], report.lines()
+    assert 0 < report.logits_rel <= bounds["logits_rel"], report.lines()
+    assert report.logits_cosine >= bounds["cosine"], report.lines()
+    assert report.scores_rel <= bounds["scores_rel"], report.lines()
+    assert report.token_agreement >= bounds["agreement"], report.lines()
+    for retention, floor in OVERLAP_FLOORS["int8"].items():
+        assert report.overlap[retention] >= floor, report.lines()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "quant", "match"),
+    [("fp32", "int4", "--quant int8"), ("fp16", "int8", "float32 export"), ("fp32", "none", "--quant int8")],
+)
+def test_dynamic_int8_decoder_refuses_other_schemes_and_fp16(tiny_checkpoint, tmp_path, dtype, quant, match):
+    """Guards against a dynamic-int8 decoder asked of int4 (8-bit only), of fp16 (the activation
+    quantizer takes float32) or without --quant failing deep inside ORT or being ignored."""
+    vision = "nbits" if dtype == "fp16" else None
+    with pytest.raises(ValueError, match=match):
+        ExportConfig(
+            model_dir=tiny_checkpoint, out_dir=tmp_path, dtype=dtype, quant=quant, vision_quant=vision,
+            decoder_quant="dynamic-int8",
+        )  # fmt: skip
+
+
 def test_dynamic_vision_quantization_refuses_fp16(tiny_checkpoint, tmp_path):
     """Guards against an fp16 export asking for dynamic int8 (whose activation quantizer takes
     float32) failing deep inside ORT instead of at the command line."""
@@ -223,6 +273,13 @@ def test_sidecar_quant_round_trips_and_older_versions_read_unquantized(quant_dir
     assert EdgeSidecar.from_json(json.dumps({**v5, "quant": decoder_only})).quant.vision_method is None
     with pytest.raises(ValueError, match="vision_method"):
         EdgeSidecar.from_json(json.dumps({**data, "quant": {**data["quant"], "vision_method": "int3"}}))
+    # version 6 (before decoder_method): the decoder was MatMulNBits
+    v6 = {**data, "quant": {k: v for k, v in data["quant"].items() if k != "decoder_method"}, "format_version": 6}
+    assert EdgeSidecar.from_json(json.dumps(v6)).quant.decoder_method == "nbits"
+    with pytest.raises(ValueError, match="decoder_method"):
+        EdgeSidecar.from_json(json.dumps({**data, "quant": {**data["quant"], "decoder_method": "int3"}}))
+    with pytest.raises(ValueError, match="8-bit"):  # int4 weights cannot be a dynamic-int8 decoder
+        EdgeSidecar.from_json(json.dumps({**data, "quant": {**data["quant"], "decoder_method": "dynamic-int8"}}))
     with pytest.raises(ValueError, match="quant scheme"):
         EdgeSidecar.from_json(json.dumps({**data, "quant": {**data["quant"], "bits": 8}}))
 
@@ -279,7 +336,7 @@ def test_quant_quality_bench_runs_on_the_embedded_small_model(tmp_path):
     )
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout.strip().splitlines()[-1])
-    assert set(result) == {"fp32", "int8", "int4"}
+    assert set(result) == {"fp32", "int8", "int8-dynamic", "int4"}
     assert result["fp32"]["answer_agreement"] == 1.0 and result["fp32"]["overlap_9"] == 1.0
     for row in result.values():
         assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["exit_rate"] <= 1.0
