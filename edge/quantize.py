@@ -25,7 +25,7 @@ The decoder's prefill is the same kind of large-M MatMul (one row a prompt token
 MatMulNBits gains nothing there either: at the InternVL3-1B shape (1809-token prefill,
 2 threads, bench/edge_stages.py) it took 10.9 s at int8 and 11.3 s at int4 against 10.5 s
 float32. ``--decoder-quant dynamic-int8`` (with ``--quant int8``, float32 exports)
-quantizes the decoder as the tower: prefill 5.5 s, decode as fast as MatMulNBits int8.
+quantizes the decoder as the tower: prefill 5.1 s, decode as fast as MatMulNBits int8.
 Its activations get one scale per tensor and pass, where MatMulNBits at accuracy level
 4 takes one per block of 32: a model with outlier activation channels (as large
 language models have) loses more to it, so it is opt-in, and the export's comparison
