@@ -8,7 +8,7 @@ Writes, into ``--out``:
   pass's visual-token score, with logits for the last ``num_logits`` positions
   only (an input: 1 for generation, the answer length for the consistency
   pass). By default (``--graph lean``) the graph ``lean_decoder`` builds op by
-  op from the weights (ORT's fused GroupQueryAttention, RotaryEmbedding,
+  op from the weights (ORT's fused GroupQueryAttention, rotating q and k itself,
   SkipSimplifiedLayerNormalization; the score beside the fused attention for
   the scoring rows only; KV in buffers shared between past and present);
   ``--graph explicit`` traces ``export_modules.ScoringDecoder`` instead, the
