@@ -27,6 +27,7 @@ SIDECAR_NAME = "stitch_edge.json"
 # 5: vision_graph ("explicit" or "lean"); older sidecars read as vision_graph "explicit".
 # 6: quant.vision_method (how the vision graph was quantized, or null); in older sidecars a
 #    quantized vision graph was MatMulNBits ("nbits").
+# 7: quant.decoder_method ("nbits" or "dynamic-int8"); older sidecars read as "nbits".
 FORMAT_VERSION = 7
 READABLE_VERSIONS = (2, 3, 4, 5, 6, 7)
 # Export dtypes and the numpy dtype of the tensors the graphs exchange in that dtype.
