@@ -48,8 +48,9 @@ def attributes_of(family: str) -> dict[str, tuple[str, ...]]:
 # A token is labelled with an object when they share at least this fraction of the smaller of
 # the two boxes (token, object); below it the token is background.
 MIN_OVERLAP = 0.25
-# The crowded family's objects sit on the corner of 4 grid tokens; a small one (24 px, +-2 px jitter)
-# covers as little as 10 x 10 px of a token, 0.17 of the object.
+# The crowded family's large objects sit on the corner of 4 grid tokens (a small one inside one token):
+# a 44 px one at +-2 px jitter covers at least 20 x 20 px of each, 0.21 of the object. (The first
+# crowded pair's small objects sat on the corner too, as little as 0.17 of them per token.)
 CROWDED_MIN_OVERLAP = 0.15
 
 

@@ -83,7 +83,7 @@ from pair_presets import (  # bench/pair_presets.py; the tables are re-exported 
     PRESETS,
     TILING,  # noqa: F401
 )
-from train_state import Progress, load_state, save_state  # bench/train_state.py
+from train_state import Progress, load_state, rewarm_scale, save_state  # bench/train_state.py
 from transformers import InternVLForConditionalGeneration
 
 from stitchvlm.cloud.checkpoints import (
@@ -446,7 +446,10 @@ def train_model(
     progress = Progress(history=[])
     if resume and checkpoint is not None and checkpoint.exists():
         progress = load_state(checkpoint, trained, optimizer, identity, prefix, config.steps)
-        log(f"[{name}] resumed from {checkpoint} at step {progress.step}")
+        fresh = (
+            " (portable: fresh optimizer, lr ramps up again)" if progress.rewarm_from == progress.step else ""
+        )
+        log(f"[{name}] resumed from {checkpoint} at step {progress.step}{fresh}")
     log(f"[{name}] {params / 1e6:.2f}M parameters, {config.total_steps} steps x {config.batch}")
 
     means = RunningMeans()
@@ -456,7 +459,10 @@ def train_model(
         if halt_after is not None and step - resumed_at >= halt_after:
             tap.remove()
             return model.eval(), {"halted_at": step}
-        first_loss = train_step(model, heads, tap, trained, optimizer, files, config, step, device, means)
+        scale = rewarm_scale(step, progress)
+        first_loss = train_step(
+            model, heads, tap, trained, optimizer, files, config, step, device, means, scale
+        )
         progress.first_loss = first_loss if progress.first_loss is None else progress.first_loss
         done = step + 1
         progress.step, progress.seconds = done, done_before + time.perf_counter() - started
@@ -464,7 +470,7 @@ def train_model(
             rate = (done - resumed_at) * config.batch / (time.perf_counter() - started)
             eta = (config.total_steps - done) * config.batch / rate
             log(
-                f"[{name}] step {done}/{config.total_steps} {means} lr {learning_rate(step, config):.2e} "
+                f"[{name}] step {done}/{config.total_steps} {means} lr {learning_rate(step, config) * scale:.2e} "
                 f"{rate:.1f} images/s elapsed {progress.seconds / 60:.1f} min eta {eta / 60:.1f} min"
             )
         if (config.eval_every and done % config.eval_every == 0) or done == config.total_steps:
@@ -496,12 +502,15 @@ def train_model(
     return model.eval(), stats
 
 
-def train_step(model, heads, tap, trained, optimizer, files, config, step, device, means) -> float:
-    """One optimizer step on step ``step``'s batch; updates ``means``, returns the answer loss."""
+def train_step(
+    model, heads, tap, trained, optimizer, files, config, step, device, means, lr_scale: float = 1.0
+) -> float:
+    """One optimizer step on step ``step``'s batch at ``lr_scale`` times the schedule's learning rate;
+    updates ``means``, returns the answer loss."""
     batch = training_batch(files, config, step)
     batch = {key: value.to(device) for key, value in batch.items()}
     for group in optimizer.param_groups:
-        group["lr"] = learning_rate(step, config)
+        group["lr"] = learning_rate(step, config) * lr_scale
     # Crowded: colour grounded on object tokens only, so that background tokens (textured) are not
     # all trained towards one "background" direction, a ready-made attention sink.
     losses, accuracies = training_losses(

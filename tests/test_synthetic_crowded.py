@@ -124,10 +124,12 @@ def test_same_seed_same_example_and_disjoint_splits_and_families(examples):
 
 
 def test_examples_are_well_formed(ruled):
-    """Guards against a type never drawn, scenes outside 10-20 objects, objects off their cells or
-    of the wrong size, and numbers that are not two digits."""
-    _, examples = ruled
-    assert {e.qtype for e in examples} == set(crowded.QTYPES) == set(family_qtypes("crowded"))
+    """Guards against a type never drawn (or one drawn that the rules leave out), scenes outside 10-20
+    objects, objects off their cells, tokens or sizes, and numbers that are not two digits."""
+    rules, examples = ruled
+    assert {e.qtype for e in examples} == set(rules.qtypes) <= set(crowded.ALL_QTYPES)
+    assert set(crowded.QTYPES) == set(family_qtypes("crowded")) == set(crowded.ONE_ATTRIBUTE.qtypes)
+    assert "spatial" not in crowded.QTYPES and "describe" in crowded.QTYPES
     for example in examples:
         assert example.image.size == crowded.CANVAS and example.family == "crowded"
         assert 10 <= len(example.objects) <= 20 and example.question.endswith("?")
@@ -138,8 +140,16 @@ def test_examples_are_well_formed(ruled):
             lo, hi = crowded.SIZES[obj.size]
             assert lo <= side <= hi and obj.box[3] - obj.box[1] == side
             column, row = crowded.cell_of(obj)
-            assert abs(obj.centre[0] - (column + 0.5) * crowded.CELL) <= 2.5
-            assert abs(obj.centre[1] - (row + 0.5) * crowded.CELL) <= 2.5
+            # large: on the cell's centre (the corner of its 2 x 2 tokens); small: on one token's centre
+            if obj.size == "large":
+                assert abs(obj.centre[0] - (column + 0.5) * crowded.CELL) <= 2.5
+                assert abs(obj.centre[1] - (row + 0.5) * crowded.CELL) <= 2.5
+            else:  # inside one 28 px token of the cell's 2 x 2
+                token = crowded.CELL // 2
+                assert (
+                    obj.box[0] // token == (obj.box[2] - 1) // token and obj.box[0] >= column * crowded.CELL
+                )
+                assert obj.box[1] // token == (obj.box[3] - 1) // token and obj.box[1] >= row * crowded.CELL
             assert obj.digit is None or (len(obj.digit) == 2 and obj.shape in crowded.NUMBER_SHAPES)
 
 
@@ -158,12 +168,13 @@ def test_one_attribute_descriptions_name_one_object(examples):
         for values in descriptions:
             assert len(values) == 1 and len(named(example, values)) == 1, example.question
             kinds.add((example.qtype, *values))
-    assert {k for k in kinds if k[0] in ("colour", "shape", "number")} == {
+    assert {k for k in kinds if k[0] in ("colour", "shape", "number", "describe")} == {
         ("colour", "shape"),
         ("shape", "colour"),
-        ("number", "shape"),
+        ("number", "colour"),
+        ("describe", "shape"),
     }
-    assert {k[1] for k in kinds if k[0] in ("count", "spatial", "relation")} == {"colour", "shape"}
+    assert {k[1] for k in kinds if k[0] in ("count", "relation")} == {"colour", "shape"}
 
 
 def test_conjunctive_named_objects_need_every_word(conjunctive):
@@ -206,6 +217,10 @@ def test_answers_follow_from_the_objects_and_pixels(ruled):
             assert dominant_colour(example, example.region) == answer == target.colour
         elif q == "shape":
             assert answer == target.shape and dominant_colour(example, target.box) == target.colour
+        elif q == "describe":
+            lo, hi = crowded.SIZES[target.size]
+            assert answer == f"{target.size} {target.colour}" and lo <= target.box[2] - target.box[0] <= hi
+            assert dominant_colour(example, example.region) == target.colour
         elif q == "number":
             assert answer == target.digit and target.size == "large" and len(answer) == 2
             if rules.every_word_needed:
@@ -288,7 +303,7 @@ def test_answers_take_several_tokens_and_images_many_visual_tokens():
     tokenizer = build_tokenizer(vocabulary_corpus("crowded"))
     examples = dataset("test", 60, family="crowded")
     for example in examples:
-        if example.qtype in ("number", "spatial"):
+        if example.qtype in ("number", "spatial", "describe"):
             assert len(tokenizer.encode(example.answer).ids) >= 2, example.answer
     tiling = TilingConfig(tile_size=224, min_tiles=1, max_tiles=6, use_thumbnail=True, tokens_per_tile=64)
     layout = compute_layout(*crowded.CANVAS, tiling)

@@ -21,6 +21,7 @@ sys.path.insert(0, str(BENCH))  # train_pair imports its sibling grounding.py, a
 
 import grounding  # noqa: E402
 import train_pair  # noqa: E402
+import train_state  # noqa: E402
 from transformers import AutoTokenizer, InternVLForConditionalGeneration  # noqa: E402
 
 from stitchvlm.cloud.checkpoints import build_tokenizer, save_checkpoint, tiny_internvl_config  # noqa: E402
@@ -200,10 +201,14 @@ def test_crowded_grounding_targets_put_the_tens_left_and_the_units_right():
         assert targets.shape == (192, 4)
         for obj in example.objects:
             column, row = crowded.cell_of(obj)
+            under = (int(obj.centre[0] // 28) % 2, int(obj.centre[1] // 28) % 2)  # a small one's token
             for dy in (0, 1):
                 for dx in (0, 1):
                     token = (column // 4) * 64 + (2 * row + dy) * 8 + 2 * (column % 4) + dx
                     colour, shape, size, digit = targets[token]
+                    if obj.size == "small" and (dx, dy) != under:  # a small object fills one token
+                        assert (colour, shape, size, digit) == (0, 0, 0, 0)
+                        continue
                     assert (colour, shape, size) == (
                         1 + names["colour"].index(obj.colour),
                         1 + names["shape"].index(obj.shape),
@@ -292,6 +297,8 @@ def test_an_interrupted_and_resumed_run_ends_with_the_uninterrupted_weights(crow
     )
     assert halted == {"halted_at": 3}
     assert torch.load(checkpoint, weights_only=False)["progress"]["step"] == 2
+    portable = tmp_path / "portable.pt"  # of the step-2 checkpoint, resumed below
+    assert train_state.main(["portable", str(checkpoint), str(portable)]) == 0
     resumed, resumed_stats = train_pair.train_model(
         "small", preset, files, config, cpu, val, checkpoint, checkpoint_every=2, resume=True
     )
@@ -304,6 +311,33 @@ def test_an_interrupted_and_resumed_run_ends_with_the_uninterrupted_weights(crow
     other = train_pair.TrainConfig(**{**train_pair.asdict(config), "lr": 5e-4})
     with pytest.raises(ValueError, match="another run"):
         train_pair.train_model("small", preset, files, other, cpu, val, checkpoint, resume=True)
+
+    # The step-2 checkpoint made portable (no optimizer state): a resume from it runs steps 2-4 with fresh
+    # AdamW moments at REWARM_STEPS' ramp of the schedule's learning rate; computed here step by step.
+    assert train_state.main(["portable", str(portable), str(tmp_path / "again.pt")]) == 2  # already is
+    state = torch.load(portable, weights_only=False)
+    assert "optimizer" not in state and portable.stat().st_size < checkpoint.stat().st_size
+    ramped, ramped_stats = train_pair.train_model(
+        "small", preset, files, config, cpu, val, portable, checkpoint_every=2, resume=True
+    )
+    torch.manual_seed(config.seed)
+    model = InternVLForConditionalGeneration(tiny_internvl_config(preset, files.tokenizer)).train()
+    heads = train_pair.make_heads(model, files, config, cpu)
+    tap = train_pair.ProjectorTap(model)
+    trained = torch.nn.ModuleList([model, heads])
+    trained.load_state_dict(state["trained"])
+    optimizer = train_pair.make_optimizer(trained, config)
+    torch.set_rng_state(state["torch_rng"])
+    means = train_pair.RunningMeans()
+    for step in range(2, 5):
+        scale = (step - 2 + 1) / train_state.REWARM_STEPS
+        train_pair.train_step(model, heads, tap, trained, optimizer, files, config, step, cpu, means, scale)
+    tap.remove()
+    expected, got = model.state_dict(), ramped.state_dict()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert not all(torch.equal(whole.state_dict()[k], got[k]) for k in expected)  # the ramp changed them
+    assert torch.load(portable, weights_only=False)["progress"]["rewarm_from"] == 2  # later saves keep it
+    assert ramped_stats["steps"] == 5 and ramped_stats["first_loss"] == whole_stats["first_loss"]
 
 
 def test_the_crowded_card_lists_its_own_question_types_tiles_and_models(tmp_path):
