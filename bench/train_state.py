@@ -67,6 +67,11 @@ def save_state(path: Path, trained: torch.nn.Module, optimizer, progress: Progre
         "torch_rng": torch.get_rng_state(),
         "identity": identity,
     }
+    _save_whole(state, path)
+
+
+def _save_whole(state: dict, path: Path) -> None:
+    """``torch.save`` to a scratch file beside ``path``, then renamed: never half a checkpoint."""
     scratch = path.with_name(path.name + ".partial")
     torch.save(state, scratch)
     os.replace(scratch, path)
@@ -104,9 +109,7 @@ def make_portable(source: Path, target: Path) -> int:
         raise ValueError(f"{source} is already portable")
     del state["optimizer"]
     target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = target.with_name(target.name + ".partial")
-    torch.save(state, scratch)
-    os.replace(scratch, target)
+    _save_whole(state, target)
     return state["progress"]["step"]
 
 
