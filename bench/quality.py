@@ -43,6 +43,12 @@ process:
   object or objects its answer is read from) that the top-r set keeps, for
   these methods and the oracle (``region_<method>_<p>``; random keeps k / |V|
   of them on average).
+- **how much a score concentrates on what the question reads**: the share of
+  a score's mass on the region's tokens divided by the region's share of the
+  tokens (1 = no preference; ``lift_<method>`` for the small model's A and
+  A^P and the oracle), and the same for each layer of the large model alone
+  (its attention from the text after the image, summed over heads:
+  ``lift_layer<l>``). A guide can only keep the tokens its own map prefers.
 - **SEE cascade**: for every threshold tau (each distinct gate value, so the
   sweep is exact), exit rate = share with ``gate >= tau``; cascade accuracy =
   the small model's answer when it exits, else large + sgp at
@@ -88,6 +94,7 @@ from quality_report import (  # bench/quality_report.py; the column tables are r
     PRUNED_METHODS,  # noqa: F401
     RANKED_METHODS,
     RETENTIONS,
+    LIFTED_METHODS,
     key,
     markdown,
     plot,
@@ -230,6 +237,21 @@ def region_recall(scores: np.ndarray, inside: np.ndarray, retention: float) -> f
     if not inside.any():
         return float("nan")
     return float(inside[top_r_indices(scores, retention)].sum() / inside.sum())
+
+
+def region_lift(scores: np.ndarray, inside: np.ndarray) -> float:
+    """Share of ``scores``' mass [|V|] on the ``inside`` tokens over the share of tokens inside
+    (1: no preference for the region); nan when no token is inside or the scores sum to 0."""
+    total = float(scores.sum())
+    if not inside.any() or total <= 0:
+        return float("nan")
+    return float(scores[inside].sum()) / total / float(inside.mean())
+
+
+def layer_scores(attentions: np.ndarray, visual_start: int, visual_end: int) -> np.ndarray:
+    """Per layer, the attention on each visual token from every query after the image, summed over
+    heads and queries: [layers, |V|] (their sum over layers is ``global_attention_scores``)."""
+    return attentions[:, :, visual_end:, visual_start:visual_end].astype(np.float64).sum(axis=(1, 2))
 
 
 def standard_error(correct: np.ndarray) -> float:
@@ -412,7 +434,8 @@ def evaluate_example(
     full = large.generate(inp, None, config.max_new_tokens)
     answers["large"] = decode_answer(large.files, full)
     attentions = large.attention_maps(inp, full)
-    oracle = global_attention_scores(attentions, inp.prompt.visual_start, inp.prompt.visual_end)
+    per_layer = layer_scores(attentions, inp.prompt.visual_start, inp.prompt.visual_end)  # [L, |V|]
+    oracle = per_layer.sum(axis=0)  # global_attention_scores
     fastv = large.fastv_at(inp, attentions, large.prune_layer)
     ranked = {
         "sgp": small.scores,
@@ -442,6 +465,10 @@ def evaluate_example(
             ranking[f"spearman_{method}_{point}"] = spearman(at_point[method], oracle)
         for method in (*RANKED_METHODS, "oracle"):
             ranking[f"region_{method}_{point}"] = region_recall(at_point[method], inside, retention)
+    for method in LIFTED_METHODS:
+        ranking[f"lift_{method}"] = region_lift(ranked[method], inside)
+    for layer, scores in enumerate(per_layer):
+        ranking[f"lift_layer{layer}"] = region_lift(scores, inside)
     return {
         "index": index,
         "qtype": example.qtype,

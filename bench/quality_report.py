@@ -38,6 +38,7 @@ PAPER_METHODS = {
     "oracle": "oracle: large model's own A",
 }
 RANKED_METHODS = ("sgp", "sgp_prefill", "fastv", "random")  # compared with the oracle's ranking
+LIFTED_METHODS = ("sgp", "sgp_prefill", "fastv", "oracle")  # whose concentration on the region is shown
 GATES = ("combined", "confidence", "consistency")
 CURVE = ("tau", "exit_rate", "accuracy", "relative_compute")  # what a SEE curve lists per point
 
@@ -187,6 +188,7 @@ def paper_markdown(summary: dict, config: QualityConfig) -> list[str]:
                 for p in points
             ]
             lines.append(f"| {PAPER_METHODS[method]} | " + " | ".join(cells) + " |")
+    lines += lift_markdown(ranking, config.prune_layer)
     lines.append("")
     for p, d in summary["paired"].items():
         relation = (
@@ -197,6 +199,30 @@ def paper_markdown(summary: dict, config: QualityConfig) -> list[str]:
             f"{pct(summary['accuracy'][f'fastv_{p}'])}: difference {100 * d['sgp_minus_fastv']:+.1f} ± "
             f"{100 * d['se']:.1f} points (paired standard error)."
         )
+    return lines
+
+
+def lift_markdown(ranking: dict, prune_layer: int) -> list[str]:
+    """How strongly each score, and each layer of the large model, prefers the question's region."""
+    if "lift_oracle" not in ranking:
+        return []
+    lines = [
+        "",
+        "Concentration on the question's region: share of a score's mass on the region's tokens over "
+        "the region's share of the tokens (1 = no preference), mean ± standard error over examples. "
+        "Per layer: the large model's attention from the text after the image, summed over heads.",
+        "",
+        "| score | lift |",
+        "| --- | ---: |",
+    ]
+    cell = "{mean:.2f} ± {se:.2f}"
+    for method in LIFTED_METHODS:
+        label = PAPER_METHODS[method] + (f", K = {prune_layer}" if method == "fastv" else "")
+        lines.append(f"| {label} | {cell.format(**ranking[f'lift_{method}'])} |")
+    layer = 0
+    while f"lift_layer{layer}" in ranking:
+        lines.append(f"| large model, layer {layer} | {cell.format(**ranking[f'lift_layer{layer}'])} |")
+        layer += 1
     return lines
 
 

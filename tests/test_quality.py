@@ -182,6 +182,24 @@ def test_region_tokens_and_their_recall_on_a_hand_worked_layout():
     assert np.isnan(quality.region_recall(scores, np.zeros(192, bool), 0.02))
 
 
+def test_region_lift_and_per_layer_scores_on_hand_numbers():
+    """Guards against the concentration measure dividing by the wrong share (tokens, not mass) or the
+    per-layer scores reading queries before the image or summing over layers."""
+    inside = np.array([True, False, False, False])  # a quarter of the tokens
+    assert quality.region_lift(np.array([2.0, 1.0, 1.0, 0.0]), inside) == pytest.approx(0.5 / 0.25)
+    assert quality.region_lift(np.ones(4), inside) == pytest.approx(1.0)
+    assert np.isnan(quality.region_lift(np.ones(4), np.zeros(4, bool)))
+    assert np.isnan(quality.region_lift(np.zeros(4), inside))
+    # 2 layers, 1 head, T = 5: position 0 text, 1-2 visual, 3-4 text after the image
+    attentions = np.zeros((2, 1, 5, 5), np.float32)
+    attentions[0, 0, 2, 1] = 7.0  # a visual query: not counted
+    attentions[0, 0, 3, 1], attentions[0, 0, 4, 2] = 1.0, 2.0
+    attentions[1, 0, 4, 1] = 3.0
+    per_layer = quality.layer_scores(attentions, 1, 3)
+    assert per_layer.tolist() == [[1.0, 2.0], [3.0, 0.0]]
+    assert per_layer.sum(axis=0).tolist() == quality.global_attention_scores(attentions, 1, 3).tolist()
+
+
 # ----------------------------------------------------------------------------- rankings vs transformers
 
 
@@ -283,6 +301,9 @@ def test_quality_end_to_end_on_tiny_checkpoints(family, n, tiny_checkpoint, tiny
             assert 0.0 <= headline[f"overlap_{method}_{point}"] <= 1.0
             assert -1.0 <= headline[f"spearman_{method}_{point}"] <= 1.0
             assert 0.0 <= headline[f"region_{method}_{point}"] <= 1.0
+    lifts = [f"lift_{m}" for m in quality.LIFTED_METHODS] + [f"lift_layer{layer}" for layer in range(6)]
+    assert set(lifts) <= headline.keys() and "lift_layer6" not in headline  # tiny-large: 6 layers
+    assert all(headline[name] >= 0 or np.isnan(headline[name]) for name in lifts)
     # tiny-large has 6 layers: K = max(1, round(6 * f)) = 1, 1, 2 for f = 2/48, 9/48, 19/48
     assert [headline[f"layer_{p}"] for p in quality.PAPER_POINTS] == [1, 1, 2]
     assert 0 < headline["flop_ratio_p9"] < headline["flop_ratio_p35"] < headline["flop_ratio_p64"] < 1
@@ -303,3 +324,4 @@ def test_quality_end_to_end_on_tiny_checkpoints(family, n, tiny_checkpoint, tiny
     assert (out / "quality_see.png").stat().st_size > 1000
     assert (out / "quality_paper.png").stat().st_size > 1000
     assert "The paper's operating points" in table and "Spearman" in table
+    assert "| large model, layer 5 |" in table
