@@ -46,7 +46,7 @@ process:
 - **how much a score concentrates on what the question reads**: the share of
   a score's mass on the region's tokens divided by the region's share of the
   tokens (1 = no preference; ``lift_<method>`` for the small model's A and
-  A^P and the oracle), and the same for each layer of the large model alone
+  A^P, FastV's ranking at K and the oracle), and the same for each layer of the large model alone
   (its attention from the text after the image, summed over heads:
   ``lift_layer<l>``). A guide can only keep the tokens its own map prefers.
 - **SEE cascade**: for every threshold tau (each distinct gate value, so the
@@ -89,12 +89,12 @@ from pair_presets import FAMILY_MAX_NEW_TOKENS, FAMILY_OUT  # bench/pair_presets
 from quality_report import (  # bench/quality_report.py; the column tables are re-exported
     CURVE,
     GATES,
+    LIFTED_METHODS,
     PAPER_METHODS,  # noqa: F401
     PAPER_POINTS,
     PRUNED_METHODS,  # noqa: F401
     RANKED_METHODS,
     RETENTIONS,
-    LIFTED_METHODS,
     key,
     markdown,
     plot,
@@ -187,7 +187,7 @@ def global_attention_scores(attentions: np.ndarray, visual_start: int, visual_en
     attentions: [layers, heads, T, T]. Sums attn[l, h, q, v] over layers, heads and
     every query q after the image (q >= visual_end). Returns [|V|] float64.
     """
-    return attentions[:, :, visual_end:, visual_start:visual_end].astype(np.float64).sum(axis=(0, 1, 2))
+    return layer_scores(attentions, visual_start, visual_end).sum(axis=0)
 
 
 def paper_layer(fraction: float, num_layers: int) -> int:
@@ -435,7 +435,7 @@ def evaluate_example(
     answers["large"] = decode_answer(large.files, full)
     attentions = large.attention_maps(inp, full)
     per_layer = layer_scores(attentions, inp.prompt.visual_start, inp.prompt.visual_end)  # [L, |V|]
-    oracle = per_layer.sum(axis=0)  # global_attention_scores
+    oracle = per_layer.sum(axis=0)  # global_attention_scores, without slicing the maps again
     fastv = large.fastv_at(inp, attentions, large.prune_layer)
     ranked = {
         "sgp": small.scores,
