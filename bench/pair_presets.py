@@ -76,4 +76,4 @@ FAMILY_PREFIX = {
     "basic": "synthetic",
     "crowded": "crowded",
 }  # checkpoint names: <prefix>-small, <prefix>-large
-FAMILY_OUT = {"basic": Path("shared/models"), "crowded": Path("runs/crowded-pair")}  # default --out
+FAMILY_OUT = {"basic": Path("shared/models"), "crowded": Path("shared/models/crowded")}  # default --out

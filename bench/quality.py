@@ -43,6 +43,9 @@ process:
   object or objects its answer is read from) that the top-r set keeps, for
   these methods and the oracle (``region_<method>_<p>``; random keeps k / |V|
   of them on average).
+- **scene** (``scene_<p>``, at the operating points only): the kept set takes
+  the question's region's tokens first, then the oracle's order; what a guide
+  that knew where the answer is could keep, a reference for the others.
 - **how much a score concentrates on what the question reads**: the share of
   a score's mass on the region's tokens divided by the region's share of the
   tokens (1 = no preference; ``lift_<method>`` for the small model's A and
@@ -70,7 +73,7 @@ is one JSON object. It neither trains nor exports by itself (the ONNX export is
 
     python bench/quality.py                       # the embedded pair, n = 300
     python bench/quality.py --n 40 --small DIR --large DIR
-    python bench/quality.py --family crowded     # the crowded pair (runs/crowded-pair), n = 300
+    python bench/quality.py --family crowded     # the crowded pair (shared/models/crowded), n = 300
 """
 
 from __future__ import annotations
@@ -126,8 +129,8 @@ from stitchvlm.shared.synthetic import (
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# Per family: the pair it is scored on by default (the embedded pair; for crowded, where
-# train_pair.py writes it) and where its report goes.
+# Per family: the pair it is scored on by default (the committed pair train_pair.py writes)
+# and where its report goes.
 _CROWDED = Path(__file__).resolve().parent.parent / FAMILY_OUT["crowded"]
 FAMILY_PAIR = {
     "basic": (embedded_model_dir(EMBEDDED_SMALL), embedded_model_dir(EMBEDDED_LARGE)),
@@ -237,6 +240,12 @@ def region_recall(scores: np.ndarray, inside: np.ndarray, retention: float) -> f
     if not inside.any():
         return float("nan")
     return float(inside[top_r_indices(scores, retention)].sum() / inside.sum())
+
+
+def region_first(scores: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """Scores [|V|] that rank every ``inside`` token above every other, each group in ``scores``'
+    order (``scores`` >= 0): a kept set chosen from the scene's truth, not from any model."""
+    return scores / max(float(scores.max()), 1e-30) + 2.0 * inside
 
 
 def region_lift(scores: np.ndarray, inside: np.ndarray) -> float:
@@ -454,7 +463,11 @@ def evaluate_example(
     inside = region_mask(example, large.files.tiling)
     for point, (_, retention) in PAPER_POINTS.items():
         layer = large.paper_layers[point]
-        at_point = {**ranked, "fastv": large.fastv_at(inp, attentions, layer)}
+        at_point = {
+            **ranked,
+            "fastv": large.fastv_at(inp, attentions, layer),
+            "scene": region_first(oracle, inside),
+        }
         for method in PAPER_METHODS:
             ids = large.generate(
                 inp, top_r_indices(at_point[method], retention), config.max_new_tokens, layer=layer

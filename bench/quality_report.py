@@ -36,6 +36,7 @@ PAPER_METHODS = {
     "fastv": "FastV: large model's layer K-1 attention",
     "random": "random tokens",
     "oracle": "oracle: large model's own A",
+    "scene": "scene: the question's region, then the oracle's order",
 }
 RANKED_METHODS = ("sgp", "sgp_prefill", "fastv", "random")  # compared with the oracle's ranking
 LIFTED_METHODS = ("sgp", "sgp_prefill", "fastv", "oracle")  # whose concentration on the region is shown
@@ -100,6 +101,7 @@ def markdown(summary: dict, config: QualityConfig, meta: dict) -> str:
             "large",
             "small",
             *(f"{m}_{suffix}" for m in ("sgp", "sgp_prefill", "fastv", "random", "oracle")),
+            *(["scene_p9"] if suffix == "p9" else []),
         ]
         lines += ["", f"## Per question type at {title}", "", *per_qtype_table(summary, config, shown)]
     lines += see_markdown(summary, config)

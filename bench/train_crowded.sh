@@ -10,6 +10,9 @@
 # its checkpoint under runs/ when that exists, else from the portable copy in bench/checkpoints/
 # (bench/train_state.py: no optimizer state; the learning rate ramps up again over 100 steps).
 # runs/ is not kept from one session to the next; bench/checkpoints/ is, once committed.
+# The finished pair (runs/c2: both checkpoints, MODEL_CARD.md, accuracy.json) is committed in
+# shared/models/crowded/, where bench/quality.py --family crowded reads it; bench/checkpoints/
+# then goes away (it holds work in progress only).
 # THREADS (default 2) sets torch's threads.
 set -euo pipefail
 cd "$(dirname "$0")/.."

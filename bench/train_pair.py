@@ -21,7 +21,7 @@ predictions, accuracy overall and per question type) and ``<out>/MODEL_CARD.md``
 ``--family`` picks the task family (``synthetic.FAMILIES``) and with it the
 presets (``FAMILY_PRESETS``: for ``crowded`` a 12-layer large LM), the tiling
 (``FAMILY_TILING``: 64 tokens per tile for ``crowded``) and the output names
-(``crowded-small`` / ``crowded-large`` under ``runs/crowded-pair`` by default).
+(``crowded-small`` / ``crowded-large`` under ``shared/models/crowded`` by default).
 The early-answer loss moves the answer into the question's text positions
 within the first layers, a shortcut of where the answer's attention goes, so
 the crowded family refuses it (its default weight there is 0); the grounding
@@ -540,7 +540,7 @@ def log(message: str) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--family", choices=FAMILIES, default=DEFAULT_FAMILY, help="task family")
-    parser.add_argument("--out", type=Path, default=None, help="default: shared/models or runs/crowded-pair")
+    parser.add_argument("--out", type=Path, default=None, help="default: shared/models or shared/models/crowded")
     parser.add_argument("--small-steps", type=int, default=3000)
     parser.add_argument("--large-steps", type=int, default=8000)
     parser.add_argument("--batch", type=int, default=TrainConfig.batch, help="images per step")

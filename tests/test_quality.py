@@ -180,6 +180,11 @@ def test_region_tokens_and_their_recall_on_a_hand_worked_layout():
     scores[[3, 137, 40, 41]] = [4.0, 3.0, 2.0, 1.0]  # top 2%: k = 3 -> tokens 3, 137, 40
     assert quality.region_recall(scores, inside, 0.02) == pytest.approx(2 / 6)
     assert np.isnan(quality.region_recall(scores, np.zeros(192, bool), 0.02))
+    # the scene's kept set: every region token before any other, each group in the scores' order
+    first = quality.region_first(scores, inside)
+    assert quality.top_r_indices(first, 0.02).tolist() == [2, 3, 137]  # k = 3: 4.0, 3.0, a tie to index 2
+    assert quality.region_recall(first, inside, 0.04) == pytest.approx(1.0)  # k = 7 >= 6 inside
+    assert set(quality.top_r_indices(first, 0.04)) == {2, 3, 10, 11, 129, 137, 40}
 
 
 def test_region_lift_and_per_layer_scores_on_hand_numbers():
@@ -286,7 +291,7 @@ def test_quality_end_to_end_on_tiny_checkpoints(family, n, tiny_checkpoint, tiny
     assert done.returncode == 0, done.stderr[-3000:]
     headline = json.loads(done.stdout.strip().splitlines()[-1])
     required = {"large", "small", "sgp_r9", "fastv_r9", "random_r9", "sgp_r35", "exit_rate_at_1pt"}
-    required |= {"sgp_p9", "fastv_p9", "random_p9", "oracle_p9", "sgp_p35", "sgp_p64"}
+    required |= {"sgp_p9", "fastv_p9", "random_p9", "oracle_p9", "scene_p9", "sgp_p35", "sgp_p64"}
     required |= {"overlap_sgp_p9", "overlap_fastv_p9", "overlap_random_p9", "spearman_sgp_p9"}
     required |= {f"region_{m}_p9" for m in ("sgp", "fastv", "random", "oracle")}
     assert required <= headline.keys()
