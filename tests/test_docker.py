@@ -306,6 +306,9 @@ def test_dockerignore_keeps_every_copied_path(name):
             ]  # fmt: skip
             assert files and all(included(f) for f in files), (name, source)
     assert not included("runs/x.json") and not included("shared/__pycache__/codec.cpython-311.pyc")
+    # the embedded pair ships (the demo and --embedded serve it); the crowded family's pair does not
+    assert included("shared/models/synthetic-large/model.safetensors")
+    assert not included("shared/models/crowded/crowded-large/model.safetensors")
 
 
 @pytest.fixture
