@@ -461,13 +461,10 @@ def evaluate_example(
             answers[key(method, retention)] = decode_answer(large.files, ids)
     ranking = {}
     inside = region_mask(example, large.files.tiling)
+    scene = region_first(oracle, inside)  # the same at every point; only FastV's layer moves
     for point, (_, retention) in PAPER_POINTS.items():
         layer = large.paper_layers[point]
-        at_point = {
-            **ranked,
-            "fastv": large.fastv_at(inp, attentions, layer),
-            "scene": region_first(oracle, inside),
-        }
+        at_point = {**ranked, "fastv": large.fastv_at(inp, attentions, layer), "scene": scene}
         for method in PAPER_METHODS:
             ids = large.generate(
                 inp, top_r_indices(at_point[method], retention), config.max_new_tokens, layer=layer

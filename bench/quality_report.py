@@ -97,12 +97,8 @@ def markdown(summary: dict, config: QualityConfig, meta: dict) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", *verdict(acc)]
     for title, suffix in ((f"R = 9%, K = {k}", "r9"), ("the paper's 9% point", "p9")):
-        shown = [
-            "large",
-            "small",
-            *(f"{m}_{suffix}" for m in ("sgp", "sgp_prefill", "fastv", "random", "oracle")),
-            *(["scene_p9"] if suffix == "p9" else []),
-        ]
+        methods = ("sgp", "sgp_prefill", "fastv", "random", "oracle", "scene")  # scene: the points only
+        shown = ["large", "small", *(f"{m}_{suffix}" for m in methods if f"{m}_{suffix}" in acc)]
         lines += ["", f"## Per question type at {title}", "", *per_qtype_table(summary, config, shown)]
     lines += see_markdown(summary, config)
     return "\n".join(lines) + "\n"
